@@ -1,0 +1,33 @@
+# Two entry points, each doing its own idempotent set-up:
+#   make demo   the main job on the data we ship (CPU, a few minutes)
+#   make test   the test suite
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup sctk clean
+
+# Reinstall only when the package metadata changes; a second run reuses the venv.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# NIST SCTK (sclite, sc_stats) is the independent reference our scoring is tested against.
+sctk:
+	@{ command -v sc_stats || test -x /usr/lib/sctk/bin/sc_stats; } >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sctk) >/dev/null 2>&1 || \
+	  echo "warning: could not install sctk; tests that compare with NIST tools will be skipped"; }
+
+test: $(STAMP) sctk
+	$(VENV)/bin/python -m pytest -n 2 -q tests
+
+demo: $(STAMP)
+	bash egs/fsdd_digits/asr1/run.sh --data_root $(abspath $(DATA))
+
+clean:
+	rm -rf $(VENV) exp dump

@@ -1,0 +1,154 @@
+"""Command line: ``allinone <command> ...``. Each command is documented in docs/cli.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_train(args) -> None:
+    from allinone.train.config import load_config
+    from allinone.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, resume=args.resume)
+    print(f"final model: {final}")
+
+
+def cmd_decode(args) -> None:
+    from allinone.eval.decode import DecodeOptions, decode_data_dir
+
+    opts = DecodeOptions(beam=args.beam, ctc_weight=args.ctc_weight, device=args.device,
+                         num_workers=args.num_workers, skip_bad=args.skip_bad)
+    for data in args.data:
+        out = args.out if len(args.data) == 1 else f"{args.out}/{_name(data)}"
+        summary = decode_data_dir(args.model, data, out, opts)
+        print(f"{data}: WER {summary['wer']:.2f}% (sub {summary['sub']} del {summary['del']} "
+              f"ins {summary['ins']} / {summary['words']} words), CER {summary['cer']:.2f}% -> {out}")
+
+
+def _name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).resolve().name
+
+
+def cmd_info(args) -> None:
+    from pathlib import Path
+
+    from allinone.quant.packed_file import describe_packed
+
+    path = Path(args.file)
+    if path.is_dir():
+        from allinone.models.saved import FLOAT_WEIGHTS, PACKED_WEIGHTS, read_model_config
+
+        config = read_model_config(path)
+        if (path / PACKED_WEIGHTS).is_file():
+            path = path / PACKED_WEIGHTS
+        else:
+            print(json.dumps(config, indent=2))
+            from allinone.models.saved import load_model_dir
+
+            model = load_model_dir(path).model
+            n = sum(p.numel() for p in model.parameters())
+            size = (path / FLOAT_WEIGHTS).stat().st_size
+            print(f"float model: {n:,} parameters, {size:,} bytes on disk (fp32), compression ratio 1.00")
+            return
+    print(describe_packed(path))
+
+
+def cmd_prepare(args) -> None:
+    from allinone.data import corpora
+
+    if args.corpus == "fsdd-digits":
+        for split, n in (("train", args.num_train), ("test", args.num_test)):
+            corpora.fsdd_connected_digits(args.src, f"{args.out}/{split}", split=split, num_utts=n,
+                                          min_digits=args.min_digits, max_digits=args.max_digits,
+                                          seed=args.seed)
+    elif args.corpus == "librispeech":
+        corpora.librispeech_to_data_dir(args.src, args.out)
+    print(f"data directories written under {args.out}")
+
+
+def cmd_import_espnet(args) -> None:
+    from pathlib import Path
+
+    from allinone.data.features import FbankConfig
+    from allinone.data.tokenizer import CharTokenizer, SentencePieceTokenizer
+    from allinone.interop.espnet import load_espnet_asr
+    from allinone.models.saved import save_model_dir
+
+    model, info = load_espnet_asr(args.exp_dir, args.checkpoint)
+    token_list = info["token_list"]
+    bpemodel = info["config"].get("bpemodel")
+    if info["config"].get("token_type", "bpe") == "char" or not bpemodel:
+        tokenizer = CharTokenizer(token_list)
+    else:
+        path = Path(bpemodel)
+        if not path.is_file():  # recipes store it relative to the recipe directory
+            path = Path(args.exp_dir).resolve().parent.parent / bpemodel
+        if not path.is_file():
+            raise ValueError(f"sentencepiece model {bpemodel} named in config.yaml was not found")
+        tokenizer = SentencePieceTokenizer(path.read_bytes(), token_list=token_list)
+    save_model_dir(args.out, model, FbankConfig(**info["fbank"]), tokenizer,
+                   extra={"imported_from": str(args.exp_dir)})
+    print(f"imported {args.exp_dir} -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="allinone", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", help="experiment YAML (see conf/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_epochs=10")
+    t.add_argument("--resume", action="store_true", help="continue from exp_dir/checkpoint.pt")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("decode", help="decode data directories and score them")
+    d.add_argument("model", help="model directory (exp/.../final or an extracted model)")
+    d.add_argument("--data", nargs="+", required=True, help="Kaldi data directories")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search (+ rescoring)")
+    d.add_argument("--ctc-weight", type=float, default=0.3, help="CTC weight in attention rescoring")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--skip-bad", action="store_true", help="log and skip unusable utterances")
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="describe a model directory or packed model file")
+    i.add_argument("file")
+    i.set_defaults(func=cmd_info)
+
+    pr = sub.add_parser("prepare", help="make Kaldi data directories from a corpus layout")
+    pr.add_argument("corpus", choices=["fsdd-digits", "librispeech"])
+    pr.add_argument("--src", required=True, help="corpus root (FSDD folder, or a LibriSpeech subset folder)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--num-train", type=int, default=1000)
+    pr.add_argument("--num-test", type=int, default=200)
+    pr.add_argument("--min-digits", type=int, default=2)
+    pr.add_argument("--max-digits", type=int, default=5)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_prepare)
+
+    e = sub.add_parser("import-espnet", help="convert an ESPnet2 ASR experiment into an allinone model")
+    e.add_argument("exp_dir")
+    e.add_argument("--checkpoint", default=None, help="a .pth inside exp_dir (default: the averaged one)")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_import_espnet)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # bad input of any kind: a clear message, no traceback
+        print(f"allinone {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

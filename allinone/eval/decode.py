@@ -1,0 +1,120 @@
+"""Batched decoding of a data directory with a saved model, then scoring.
+
+CTC greedy search, or CTC prefix beam search whose n-best list is rescored with the
+attention decoder when the model has one (ESPnet's "attention rescoring").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger("allinone")
+
+
+@dataclass
+class DecodeOptions:
+    beam: int = 1  # 1 = greedy CTC
+    ctc_weight: float = 0.3  # weight of the CTC score when rescoring with the decoder
+    max_frames: int = 30000  # padded frames per batch
+    num_workers: int = 2
+    device: str = "cpu"
+    skip_bad: bool = False
+
+
+@torch.no_grad()
+def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) -> torch.Tensor:
+    """Sum of decoder log-probabilities of each hypothesis followed by <sos/eos>.
+
+    Args:
+        enc: [1, T, D] encoder output of one utterance.
+        hyps: N token sequences (no blank, no sos/eos).
+    Returns:
+        [N] log-likelihoods log p(y_1 .. y_U, eos | enc).
+    """
+    eos = model.config.vocab_size - 1
+    n = len(hyps)
+    lens = torch.tensor([len(h) + 1 for h in hyps], device=enc.device)
+    u = int(lens.max())
+    ys_in = torch.full((n, u), eos, dtype=torch.long, device=enc.device)  # padding value is masked anyway
+    ys_out = torch.full((n, u), -1, dtype=torch.long, device=enc.device)
+    for i, h in enumerate(hyps):
+        h = torch.tensor(h, dtype=torch.long, device=enc.device)
+        ys_in[i, 1: len(h) + 1] = h  # <sos> first; ESPnet uses the same id for sos and eos
+        ys_out[i, : len(h)] = h
+        ys_out[i, len(h)] = eos
+    enc_n = enc.expand(n, -1, -1)
+    enc_lens = torch.full((n,), enc.shape[1], dtype=torch.long, device=enc.device)
+    logits, _ = model.decoder(enc_n, enc_lens, ys_in, lens)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = ys_out >= 0
+    tok = logp.gather(-1, ys_out.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+@torch.no_grad()
+def recognize_batch(model, feats, feat_lens, opts: DecodeOptions) -> list[list[int]]:
+    """Token ids of the best hypothesis for each utterance of a padded batch."""
+    from allinone.eval.ctc_decode import ctc_greedy_batch, ctc_prefix_beam_search
+
+    enc, enc_lens = model.encode(feats, feat_lens)
+    log_probs = model.ctc_log_probs(enc).float()
+    if opts.beam <= 1:
+        return ctc_greedy_batch(log_probs, enc_lens)
+    results = []
+    for b in range(log_probs.shape[0]):
+        t = int(enc_lens[b])
+        nbest = ctc_prefix_beam_search(log_probs[b, :t], beam=opts.beam)
+        if model.decoder is None or len(nbest) == 1:
+            results.append(list(nbest[0][0]))
+            continue
+        hyps = [list(h) for h, _ in nbest]
+        ctc_scores = torch.tensor([s for _, s in nbest], device=enc.device)
+        att_scores = attention_log_likelihood(model, enc[b: b + 1, :t], hyps)
+        total = opts.ctc_weight * ctc_scores + (1 - opts.ctc_weight) * att_scores
+        results.append(hyps[int(total.argmax())])
+    return results
+
+
+def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+                    opts: DecodeOptions = DecodeOptions()) -> dict:
+    """Decode every utterance of ``data_dir``; write hypotheses, trn files and wer.json.
+
+    Returns the contents of ``wer.json`` plus timing.
+    """
+    from allinone.data.dataset import BucketBatchSampler, collate, extract_features, ASRDataset
+    from allinone.data.kaldi import read_data_dir
+    from allinone.eval.wer import write_results
+    from allinone.models.saved import load_model_dir
+
+    device = torch.device(opts.device)
+    loaded = load_model_dir(model_dir, device=opts.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    utts = read_data_dir(data_dir, skip_bad=opts.skip_bad)
+    feats = extract_features(utts, loaded.fbank, opts.num_workers, skip_bad=opts.skip_bad,
+                             progress=False)
+    dataset = ASRDataset(feats, utts, tokenizer)
+    sampler = BucketBatchSampler(dataset.lengths, opts.max_frames, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    hyps: dict[str, str] = {}
+    start = time.time()
+    for batch in tqdm(loader, desc="decode", leave=False):
+        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts)
+        for utt_id, tokens in zip(batch["utt_ids"], ids):
+            hyps[utt_id] = tokenizer.decode(tokens)
+    seconds = time.time() - start
+    refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
+    result = write_results(out_dir, refs, hyps)
+    summary = {**result.to_dict(), "decode_seconds": seconds,
+               "beam": opts.beam, "model": str(model_dir), "data": str(data_dir)}
+    logger.info("%s: WER %.2f%% on %d utterances -> %s", data_dir, summary.get("wer", float("nan")),
+                len(refs), out_dir)
+    with open(Path(out_dir) / "decode.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary

@@ -1,0 +1,126 @@
+"""A saved model is a directory anyone can load in one call.
+
+Layout::
+
+    MODEL_DIR/
+      config.json            architecture (ASRModelConfig), front end, optional subnet string
+      model.safetensors      float weights                  (plain or extracted float model)
+      model.packed.safetensors  packed low-bit weights     (extracted quantized model)
+      tokenizer/             the tokenizer the model was trained with
+
+Only one of the two weight files is present. Both load without executing code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allinone.utils import atomic_open
+
+ARCH = "conformer_asr"
+FORMAT_VERSION = 1
+FLOAT_WEIGHTS = "model.safetensors"
+PACKED_WEIGHTS = "model.packed.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # allinone.models.asr.ASRModel
+    fbank: Any  # allinone.data.features.FbankConfig
+    tokenizer: Any
+    info: dict
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model_dir(out_dir: str | Path, model, fbank, tokenizer, extra: dict | None = None) -> Path:
+    """Write ``model`` (float) with its front-end settings and tokenizer to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "arch": ARCH,
+        "model": model.config.to_dict(),
+        "fbank": asdict(fbank),
+        **(extra or {}),
+    }
+    tok_dir = out_dir / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    tokenizer.save(tok_dir)
+    save_safetensors_atomic(model.state_dict(), out_dir / FLOAT_WEIGHTS)
+    (out_dir / PACKED_WEIGHTS).unlink(missing_ok=True)
+    with atomic_open(out_dir / "config.json") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ValueError(f"model directory not found: {model_dir}")
+    if not cfg_path.is_file():
+        raise ValueError(f"{model_dir} is not an allinone model directory: config.json is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    if config.get("arch") != ARCH:
+        raise ValueError(f"{cfg_path}: architecture {config.get('arch')!r} is not {ARCH!r}")
+    return config
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load a float or packed model directory written by allinone (train, extract)."""
+    from allinone.data.features import FbankConfig
+    from allinone.data.tokenizer import load_tokenizer
+    from allinone.models.asr import ASRModel, ASRModelConfig
+
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    model = ASRModel(ASRModelConfig.from_dict(config["model"]))
+    if (model_dir / PACKED_WEIGHTS).is_file():
+        from allinone.quant.packed_file import load_packed
+
+        packed = load_packed(model_dir / PACKED_WEIGHTS, expected_arch=ARCH)
+        state = packed.state_dict
+    elif (model_dir / FLOAT_WEIGHTS).is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(model_dir / FLOAT_WEIGHTS)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{model_dir / FLOAT_WEIGHTS} is corrupt or truncated: {e}") from None
+    else:
+        raise ValueError(f"{model_dir} holds no weights ({FLOAT_WEIGHTS} or {PACKED_WEIGHTS})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {model_dir} do not fit its config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.to(device).eval()
+    return LoadedModel(model, FbankConfig(**config["fbank"]), load_tokenizer(model_dir / "tokenizer"), config)

@@ -1,0 +1,157 @@
+"""Inference from packed weights: int8 Linear layers on integer kernels.
+
+The reference path is dequantize-on-load (``packed_file.load_packed``): every weight is
+``codes * scale`` in float32 and the model runs as usual. This module adds a faster path
+for 8-bit ``nn.Linear`` layers:
+
+- CPU (backend 'fbgemm'): ``torch.ops.quantized.linear_dynamic`` with weights prepacked by
+  ``torch.ops.quantized.linear_prepack``. The weight is exactly our codes with their
+  per-channel scales; the activation is quantized on the fly per tensor to unsigned
+  8 bits with a zero point (7 bits, ``reduce_range``, on x86, which keeps fbgemm's 16-bit
+  intermediate sums from saturating on AVX2), products are summed in int32.
+- CUDA, or a CPU without a quantized engine (backend 'int_mm'): ``torch._int_mm``
+  (int8 x int8 -> int32) with each activation row quantized symmetrically to int8.
+
+Both are dynamic activation quantization, so outputs differ from the float reference by
+the activation rounding error only (tests bound it exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import QuantizedTensor
+
+BACKENDS = ("auto", "fbgemm", "int_mm")
+
+
+def _fbgemm_available() -> bool:
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "qnnpack"))
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ (codes * scale).T + bias`` with int8 activations per row and ``torch._int_mm``.
+
+    x: [M, K] float; codes_t: [K, N] int8 (the transposed codes); scale: [N]; bias: [N].
+    ``_int_mm`` wants M > 16 and K, N multiples of 8 (cuBLAS int8), so we pad with zeros,
+    which changes no sum. Returns [M, N] float32.
+    """
+    m, k = x.shape
+    n = codes_t.shape[1]
+    x = x.float()
+    # Symmetric per-row scale: int8 in [-127, 127]; an all-zero row gets scale 1.
+    sx = x.abs().amax(dim=1, keepdim=True) / 127.0
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(x / sx).clamp_(-127, 127).to(torch.int8)
+    mp, kp, np_ = max(17, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
+    if (mp, kp) != (m, k):
+        xq = F.pad(xq, (0, kp - k, 0, mp - m))
+    if (kp, np_) != (k, n):
+        codes_t = F.pad(codes_t, (0, np_ - n, 0, kp - k))
+    acc = torch._int_mm(xq, codes_t)[:m, :n]
+    y = acc.float() * sx * scale.float()
+    return y + bias.float() if bias is not None else y
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is 8-bit codes with one float scale per output channel.
+
+    codes: int8 [out, in] in [-127, 127]; scale: float [out], [out, 1] or per-tensor [1, 1];
+    bias: [out] or None. ``forward(x [..., in]) -> [..., out]`` (float32).
+    backend: 'auto' (fbgemm on CPU, int_mm on CUDA), 'fbgemm' or 'int_mm'.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if codes.dim() != 2 or codes.dtype != torch.int8:
+            raise ValueError(f"Int8Linear needs int8 codes [out, in], got {codes.dtype} {tuple(codes.shape)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown int8 backend {backend!r}; expected one of {BACKENDS}")
+        if int(codes.abs().max()) > 127:  # -128 has no symmetric counterpart
+            raise ValueError("Int8Linear codes must lie in [-127, 127]")
+        out_features, in_features = codes.shape
+        scale = scale.detach().float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(out_features)
+        if scale.numel() != out_features:
+            raise ValueError(f"scale has {scale.numel()} values for {out_features} output channels")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.register_buffer("codes", codes.detach().clone())
+        self.register_buffer("scale", scale.clone().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._prepacked = None  # (key, fbgemm packed params), rebuilt when the buffers change
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
+                       backend: str = "auto") -> "Int8Linear":
+        if q.bits != 8:
+            raise ValueError(f"Int8Linear needs 8-bit codes, got {q.bits} bits")
+        return cls(q.codes, q.scale, bias, backend)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float reference weight ``codes * scale``: [out, in]."""
+        return self.codes.float() * self.scale[:, None]
+
+    def _backend_for(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "fbgemm" if x.device.type == "cpu" and _fbgemm_available() else "int_mm"
+
+    def _fbgemm_params(self):
+        """Prepacked weight for ``linear_dynamic``, cached while the buffers stay the same."""
+        key = (self.codes.data_ptr(), self.scale.data_ptr(),
+               None if self.bias is None else self.bias.data_ptr())
+        if self._prepacked is None or self._prepacked[0] != key:
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.codes.cpu(), self.scale.cpu().double(),
+                torch.zeros(self.out_features, dtype=torch.long), 0)
+            bias = None if self.bias is None else self.bias.cpu()
+            self._prepacked = (key, torch.ops.quantized.linear_prepack(qweight, bias))
+        return self._prepacked[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if self._backend_for(x) == "fbgemm":
+            if x.device.type != "cpu":
+                raise ValueError("the fbgemm int8 backend runs on CPU only")
+            reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")
+            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self._fbgemm_params(), reduce_range)
+        else:
+            y = int_mm_linear(x2, self.codes.t(), self.scale, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend!r}")
+
+
+def convert_linears_to_int8(model: nn.Module, bits_per_tensor: Mapping[str, int],
+                            quantized: Mapping[str, QuantizedTensor] | None = None,
+                            backend: str = "auto") -> list[str]:
+    """Replace, in place, every ``nn.Linear`` whose ``<module>.weight`` has 8 bits by ``Int8Linear``.
+
+    bits_per_tensor: state_dict name -> bits (e.g. ``PackedModel.bits``).
+    quantized: name -> codes + scale (e.g. ``PackedModel.quantized``); used exactly when
+        given, otherwise the current float weight is quantized per channel (max scale).
+    Returns the names of the converted modules.
+    """
+    quantized = quantized or {}
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and bits_per_tensor.get(f"{name}.weight") == 8]
+    for name, lin in targets:
+        q = quantized.get(f"{name}.weight") or QuantizedTensor.from_weight(lin.weight, 8, per_channel=True)
+        new = Int8Linear.from_quantized(q, lin.bias, backend).to(lin.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return [name for name, _ in targets]

@@ -1,0 +1,454 @@
+"""Weight quantizers: symmetric uniform codes, STE / LSQ gradients, multi-precision scales.
+
+Conventions (docs/quantization.md, method.md section 2):
+
+- weights only, symmetric, no zero point; a ``b``-bit code lies in ``[-L, L]`` with
+  ``L = 2^(b-1) - 1`` (so 2-bit is ternary {-1, 0, +1}); 1-bit is the sign, codes {-1, +1};
+- 32 bits means "leave the weight in floating point";
+- a scale has as many dimensions as its weight: per-tensor ``[1, 1, ...]``, per-output-channel
+  ``[out, 1, ...]``; it broadcasts over the weight, and ``weight ~= codes * scale``;
+- rounding is ``torch.round`` (round half to even), the same as ``numpy.round``.
+
+Two ways for one latent float weight to serve several bit-widths:
+
+- ``MultiPrecisionQuantizer`` (the default): one independent scale per bit-width;
+- ``NestedQuantizer`` (Matryoshka style): only the top bit-width has a scale; a lower
+  bit-width's codes are the top codes shifted right with rounding (``nested_codes``) and
+  its scale follows from the top scale (``nested_scale``), so lowering precision is a
+  bit shift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
+FLOAT_BITS = 32
+SCALE_MODES = ("per_tensor", "per_channel")
+# Smallest scale we allow: an all-zero weight (or channel) would otherwise give scale 0
+# and a division by zero; with this floor its codes are simply 0.
+_MIN_SCALE = 1e-12
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is a supported bit-width, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"bit-width {bits} is outside the supported set {SUPPORTED_BITS} "
+            "(1..8 are integer codes, 32 means floating point)"
+        )
+    return bits
+
+
+def quant_levels(bits: int) -> int:
+    """Largest code magnitude ``L`` of a ``bits``-bit code: ``2^(bits-1) - 1``, and 1 for 1-bit (sign).
+
+    32 bits is floating point and has no levels: ``ValueError``.
+    """
+    check_bits(bits)
+    if bits == FLOAT_BITS:
+        raise ValueError("bit-width 32 is floating point: it has no quantization levels")
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+def scale_shape(weight_shape: Sequence[int], per_channel: bool) -> tuple[int, ...]:
+    """Shape of a scale for a weight of ``weight_shape``: ``[out, 1, ...]`` or ``[1, 1, ...]``."""
+    ones = (1,) * (len(weight_shape) - 1)
+    return ((weight_shape[0] if per_channel else 1),) + ones
+
+
+def _reduce_dims(weight: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
+    """Dimensions to reduce over so the result has the scale's shape (keepdim=True)."""
+    return tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
+
+
+# --------------------------------------------------------------------------------------
+# Functional core
+# --------------------------------------------------------------------------------------
+
+def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``weight``.
+
+    weight: [out, ...] float; scale: broadcastable to weight (``[out, 1, ...]`` or ``[1, ...]``).
+    Returns int8 codes of the weight's shape: ``clamp(round(w / s), -L, L)``; for 1-bit
+    ``+1`` where ``w >= 0`` and ``-1`` elsewhere (zero counts as positive).
+    """
+    levels = quant_levels(bits)
+    if bits == 1:
+        return torch.where(weight >= 0, 1, -1).to(torch.int8)
+    return torch.round(weight / scale).clamp_(-levels, levels).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float weight ``codes * scale``. codes: [out, ...] int; scale broadcastable. Returns float32.
+
+    ``fake_quant`` and ``load_packed`` both go through this one expression, so a packed
+    file reproduces the training-time quantized weight bit for bit.
+    """
+    return codes.to(torch.float32) * scale.to(torch.float32)
+
+
+def compute_scale(
+    weight: torch.Tensor,
+    bits: int,
+    per_channel: bool = False,
+    method: str = "max",
+    grid: int = 50,
+) -> torch.Tensor:
+    """Initial scale for ``weight`` at ``bits``.
+
+    weight: [out, ...]. Returns float32 of shape ``[out, 1, ...]`` (per-channel) or
+    ``[1, 1, ...]`` (per-tensor).
+
+    - 1-bit: ``mean |w|``; it minimises ``||w - s * sign(w)||^2``, so both methods agree.
+    - ``method='max'``: ``max |w| / L`` (no clipping).
+    - ``method='mse'``: ``r * max |w| / L`` for the clip ratio ``r`` in ``(0, 1]`` (``grid``
+      evenly spaced values) that minimises the squared quantization error, chosen separately
+      per channel when ``per_channel``. Low bit-widths profit most: for ternary codes the
+      best clip is far below the maximum.
+    """
+    check_bits(bits)
+    if bits == FLOAT_BITS:
+        raise ValueError("bit-width 32 is floating point: it has no scale")
+    w = weight.detach().to(torch.float32)
+    dims = _reduce_dims(w, per_channel)
+    if bits == 1:
+        return w.abs().mean(dim=dims, keepdim=True).clamp_min(_MIN_SCALE)
+    levels = quant_levels(bits)
+    max_scale = w.abs().amax(dim=dims, keepdim=True).clamp_min(_MIN_SCALE) / levels
+    if method == "max":
+        return max_scale
+    if method != "mse":
+        raise ValueError(f"unknown scale method {method!r}; expected 'max' or 'mse'")
+    best_scale, best_err = max_scale, None
+    for ratio in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        s = max_scale * ratio
+        err = (dequantize(quantize_codes(w, s, bits), s) - w).pow(2).sum(dim=dims, keepdim=True)
+        if best_err is None:
+            best_scale, best_err = s, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, s, best_scale)
+            best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``codes * scale`` forward; STE (weight) and LSQ (scale) backward.
+
+    The codes are computed by the caller (no gradient), so the same function serves the
+    direct quantizer and the nested one. With ``v = w / s`` and ``inside = |v| <= L``:
+
+    - d out / d w = 1 inside, 0 outside (LSQ's clipped straight-through estimator);
+    - d out / d s = codes - v inside, codes (= +-L) outside  (LSQ, Esser et al. 2020),
+      summed over the weights that share each scale and multiplied by ``grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale, codes, levels: int, grad_scale: float, learn_scale: bool):
+        ctx.save_for_backward(weight, scale, codes)
+        ctx.levels, ctx.grad_scale, ctx.learn_scale = levels, grad_scale, learn_scale
+        return dequantize(codes, scale).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale, codes = ctx.saved_tensors
+        v = weight / scale
+        inside = v.abs() <= ctx.levels
+        grad_weight = grad_out * inside
+        grad_scale = None
+        if ctx.learn_scale and ctx.needs_input_grad[1]:
+            local = torch.where(inside, codes.to(v.dtype) - v, codes.to(v.dtype))
+            full = grad_out * local * ctx.grad_scale
+            # Sum over every dimension along which the scale was broadcast.
+            dims = tuple(d for d in range(full.dim()) if scale.shape[d] == 1)
+            grad_scale = full.sum(dim=dims, keepdim=True) if dims else full
+            grad_scale = grad_scale.to(scale.dtype)
+        return grad_weight, grad_scale, None, None, None, None
+
+
+def lsq_grad_scale(weight_numel: int, scale_numel: int, levels: int) -> float:
+    """LSQ gradient scale ``g = 1 / sqrt(N * L)``, ``N`` = number of weights sharing one scale.
+
+    Per-tensor this is LSQ's ``1 / sqrt(numel * Q_P)``; per-channel each scale sees
+    ``numel / out`` weights, so ``N`` is that count.
+    """
+    n = max(1, weight_numel // max(1, scale_numel))
+    return 1.0 / math.sqrt(n * levels)
+
+
+def fake_quant(weight: torch.Tensor, scale: torch.Tensor, bits: int, learn_scale: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` with a straight-through gradient.
+
+    weight: [out, ...]; scale: ``[out, 1, ...]`` or ``[1, ...]``. Returns the weight's shape
+    and dtype. 32 bits returns ``weight`` itself. With ``learn_scale`` the scale gets LSQ's
+    gradient (see ``_FakeQuant``); otherwise it gets none.
+    """
+    check_bits(bits)
+    if bits == FLOAT_BITS:
+        return weight
+    levels = quant_levels(bits)
+    with torch.no_grad():
+        codes = quantize_codes(weight, scale, bits)
+    g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
+    return _FakeQuant.apply(weight, scale, codes, levels, g, learn_scale)
+
+
+# --------------------------------------------------------------------------------------
+# Nested (Matryoshka) integer codes
+# --------------------------------------------------------------------------------------
+
+def nested_codes(codes_hi: torch.Tensor, bits_hi: int, bits_lo: int) -> torch.Tensor:
+    """Lower-precision codes as the most significant bits of higher-precision codes.
+
+    codes_hi: int codes in ``[-L_hi, L_hi]`` (any shape). With ``d = bits_hi - bits_lo``:
+
+    - ``bits_lo >= 2``: ``clamp(sign(c) * ((|c| + 2^(d-1)) >> d), -L_lo, L_lo)``, i.e. an
+      arithmetic right shift by ``d`` that rounds half away from zero (symmetric, so
+      ``-c`` maps to ``-c_lo``), then clamps: ``L_hi / 2^d = L_lo + 1 - 2^-d`` exceeds
+      ``L_lo``, so the top few codes saturate;
+    - ``bits_lo == 1``: the sign bit, ``+1`` for ``c >= 0``, ``-1`` otherwise;
+    - ``bits_lo == bits_hi``: unchanged.
+
+    Always derive from the top codes: rounding twice (8 -> 4 -> 2) can differ from
+    rounding once (8 -> 2). Returns int8.
+    """
+    check_bits(bits_hi)
+    check_bits(bits_lo)
+    if FLOAT_BITS in (bits_hi, bits_lo) or bits_lo > bits_hi:
+        raise ValueError(f"nested codes need integer bits_lo <= bits_hi, got {bits_lo} and {bits_hi}")
+    c = codes_hi.to(torch.int32)
+    if bits_lo == bits_hi:
+        return c.to(torch.int8)
+    if bits_lo == 1:
+        return torch.where(c >= 0, 1, -1).to(torch.int8)
+    d = bits_hi - bits_lo
+    magnitude = (c.abs() + (1 << (d - 1))) >> d
+    lo = quant_levels(bits_lo)
+    return (torch.sign(c) * magnitude).clamp_(-lo, lo).to(torch.int8)
+
+
+def nested_scale(
+    scale_hi: torch.Tensor, bits_hi: int, bits_lo: int, codes_hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scale of the nested ``bits_lo`` codes, from the ``bits_hi`` scale (differentiable in ``scale_hi``).
+
+    - ``bits_lo >= 2``: ``scale_hi * 2^(bits_hi - bits_lo)``. A shifted code stands for
+      ``2^d`` top codes, so this keeps unsaturated weights unbiased. Because
+      ``2^d * L_lo = L_hi + 1 - 2^d``, the low-precision clip range ``L_lo * scale_lo`` is
+      ``(L_hi + 1 - 2^d) / L_hi`` of the top one (e.g. 112/127 for 8 -> 4 bits, 64/127 for
+      8 -> 2 bits), which is where the level counts enter. (``scale_hi * L_hi / L_lo``
+      would keep the clip range but inflate every weight by ``L_hi / (2^d L_lo)``, 2x for
+      ternary.)
+    - ``bits_lo == 1``: ``scale_hi * mean |codes_hi|`` over each channel (per-channel
+      scale) or the whole tensor, the same mean-|w| rule as direct 1-bit quantization;
+      needs ``codes_hi``.
+    """
+    check_bits(bits_lo)
+    if bits_lo == bits_hi:
+        return scale_hi
+    if bits_lo == 1:
+        if codes_hi is None:
+            raise ValueError("the 1-bit nested scale needs the top codes (mean |code|)")
+        per_channel = scale_hi.shape[0] != 1
+        dims = _reduce_dims(codes_hi, per_channel)
+        mean_code = codes_hi.to(torch.float32).abs().mean(dim=dims, keepdim=True)
+        # An all-zero channel would get scale 0 (and divide by zero in the backward).
+        return (scale_hi * mean_code).clamp_min(_MIN_SCALE)
+    return scale_hi * float(2 ** (bits_hi - bits_lo))
+
+
+# --------------------------------------------------------------------------------------
+# Quantized tensor (what a packed file stores)
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes plus scale of one weight: ``weight ~= codes * scale``.
+
+    codes: int8 [out, ...]; scale: float32 ``[out, 1, ...]`` or ``[1, 1, ...]``;
+    bits in 1..8; mode 'per_tensor' or 'per_channel'.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    mode: str = "per_tensor"
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int, per_channel: bool = False,
+                    method: str = "max") -> "QuantizedTensor":
+        """Post-training quantization of ``weight`` with ``compute_scale``."""
+        scale = compute_scale(weight, bits, per_channel, method)
+        return cls(quantize_codes(weight.detach().float(), scale, bits), scale, bits,
+                   "per_channel" if per_channel else "per_tensor")
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+
+class _ScaledQuantizerBase(nn.Module):
+    """Shared parts: scale Parameters keyed by bit-width, lazy initialisation, slicing."""
+
+    def __init__(self, scale_bits: Iterable[int], weight_shape: Sequence[int], per_channel: bool,
+                 learn_scale: bool, method: str):
+        super().__init__()
+        self.weight_shape = tuple(int(n) for n in weight_shape)
+        if len(self.weight_shape) < 1:
+            raise ValueError("weight_shape must have at least one dimension")
+        self.per_channel = per_channel
+        self.learn_scale = learn_scale
+        self.method = method
+        self.scale_bits = tuple(sorted(set(scale_bits)))
+        shape = scale_shape(self.weight_shape, per_channel)
+        # Created now (not lazily) so an optimizer built before the first forward sees them;
+        # only their values are filled lazily.
+        self.scales = nn.ParameterDict({
+            f"b{b}": nn.Parameter(torch.ones(shape), requires_grad=learn_scale) for b in self.scale_bits
+        })
+        # Saved in the state_dict so a resumed run does not re-initialise trained scales.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def mode(self) -> str:
+        return "per_channel" if self.per_channel else "per_tensor"
+
+    def scale(self, bits: int) -> nn.Parameter:
+        """The full (unsliced) scale Parameter of ``bits``: ``[out, 1, ...]`` or ``[1, ...]``."""
+        return self.scales[f"b{bits}"]
+
+    @torch.no_grad()
+    def init_scales(self, weight: torch.Tensor) -> None:
+        """Set every scale from the full latent weight ([*weight_shape]) with ``compute_scale``."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"init_scales needs the full latent weight of shape {self.weight_shape}, "
+                             f"got {tuple(weight.shape)}")
+        for b in self.scale_bits:
+            self.scale(b).copy_(compute_scale(weight, b, self.per_channel, self.method))
+        self.initialized.fill_(True)
+
+    def _check_slice(self, weight: torch.Tensor) -> None:
+        """The weight must be a leading slice of the latent weight (first rows / columns)."""
+        ok = weight.dim() == len(self.weight_shape) and all(
+            n <= m for n, m in zip(weight.shape, self.weight_shape))
+        if not ok:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} is not a slice of the latent "
+                             f"weight {self.weight_shape}")
+        if not bool(self.initialized):
+            if tuple(weight.shape) != self.weight_shape:
+                raise ValueError("scales are not initialised: call init_scales(latent_weight) or run "
+                                 "the full (unsliced) weight through the quantizer first")
+            self.init_scales(weight)
+
+    def _sliced_scale(self, bits: int, weight: torch.Tensor) -> torch.Tensor:
+        """Scale for a sliced weight: the first ``weight.shape[0]`` channels when per-channel."""
+        s = self.scale(bits)
+        return s[: weight.shape[0]] if self.per_channel else s
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.scale_bits}, weight_shape={self.weight_shape}, mode={self.mode}, "
+                f"learn_scale={self.learn_scale}, method={self.method!r}")
+
+
+class MultiPrecisionQuantizer(_ScaledQuantizerBase):
+    """One latent float weight, one independent scale per bit-width (the default mode).
+
+    Args:
+        bits: the bit-widths this weight may take (32 = float, needs no scale).
+        weight_shape: shape of the full latent weight, [out, in, ...].
+        per_channel: one scale per output channel (``[out, 1, ...]``) instead of per tensor.
+        learn_scale: train the scales with LSQ's gradient.
+        method: scale initialisation, 'max' or 'mse' (``compute_scale``).
+
+    ``forward(weight, bits)`` takes the latent weight or a leading slice of it
+    (``latent[:k, :m]`` as the supernet slices it) and returns its fake-quantized value
+    of the same shape; per-channel scales are sliced to the first ``k`` channels.
+    """
+
+    def __init__(self, bits: Iterable[int], weight_shape: Sequence[int], per_channel: bool = False,
+                 learn_scale: bool = True, method: str = "max"):
+        bits = tuple(check_bits(b) for b in bits)
+        super().__init__([b for b in bits if b != FLOAT_BITS], weight_shape, per_channel, learn_scale, method)
+        self.bits = tuple(sorted(set(bits)))
+
+    def _check_bits(self, bits: int) -> None:
+        if bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not among this quantizer's bit-widths {self.bits}")
+
+    def forward(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        """weight: [k <= out, m <= in, ...] -> fake-quantized weight of the same shape."""
+        self._check_bits(bits)
+        if bits == FLOAT_BITS:
+            return weight
+        self._check_slice(weight)
+        return fake_quant(weight, self._sliced_scale(bits, weight), bits, self.learn_scale)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor, bits: int) -> QuantizedTensor:
+        """Codes and scale of (a slice of) the latent weight for export to a packed file."""
+        self._check_bits(bits)
+        if bits == FLOAT_BITS:
+            raise ValueError("bit-width 32 stays floating point; there is nothing to quantize")
+        self._check_slice(weight)
+        scale = self._sliced_scale(bits, weight).detach().float().clone()
+        return QuantizedTensor(quantize_codes(weight.detach().float(), scale, bits), scale, bits, self.mode)
+
+
+class NestedQuantizer(_ScaledQuantizerBase):
+    """Matryoshka-style: train the top bit-width; lower ones are its codes shifted right.
+
+    Only the top (largest integer) bit-width has a scale Parameter. For a lower
+    bit-width ``b`` the codes are ``nested_codes(top_codes, top, b)`` and the scale
+    ``nested_scale(top_scale, top, b)``; gradients reach the weight (STE, inside the
+    low-precision range) and the top scale (LSQ, through ``nested_scale``). Extracting
+    a lower precision from a top-precision packed model is therefore a bit shift.
+    Arguments as ``MultiPrecisionQuantizer``.
+    """
+
+    def __init__(self, bits: Iterable[int], weight_shape: Sequence[int], per_channel: bool = False,
+                 learn_scale: bool = True, method: str = "max"):
+        bits = tuple(sorted(set(check_bits(b) for b in bits)))
+        int_bits = [b for b in bits if b != FLOAT_BITS]
+        if not int_bits:
+            raise ValueError("a nested quantizer needs at least one integer bit-width")
+        self.top_bits = max(int_bits)
+        super().__init__([self.top_bits], weight_shape, per_channel, learn_scale, method)
+        self.bits = bits
+
+    def _codes_and_scale(self, weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (no grad) and scale (differentiable in the top scale) of ``weight`` at ``bits``."""
+        if bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not among this quantizer's bit-widths {self.bits}")
+        top_scale = self._sliced_scale(self.top_bits, weight)
+        with torch.no_grad():
+            top_codes = quantize_codes(weight, top_scale, self.top_bits)
+            codes = nested_codes(top_codes, self.top_bits, bits)
+        return codes, nested_scale(top_scale, self.top_bits, bits, top_codes)
+
+    def forward(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        """weight: [k <= out, m <= in, ...] -> fake-quantized weight of the same shape."""
+        if bits == FLOAT_BITS and bits in self.bits:
+            return weight
+        self._check_slice(weight)
+        codes, scale = self._codes_and_scale(weight, bits)
+        levels = quant_levels(bits)
+        g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
+        return _FakeQuant.apply(weight, scale, codes, levels, g, self.learn_scale)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor, bits: int) -> QuantizedTensor:
+        """Codes and scale at ``bits`` (derived by shifting the top codes)."""
+        if bits == FLOAT_BITS:
+            raise ValueError("bit-width 32 stays floating point; there is nothing to quantize")
+        self._check_slice(weight)
+        codes, scale = self._codes_and_scale(weight.detach().float(), bits)
+        return QuantizedTensor(codes, scale.detach().float().clone(), bits, self.mode)

@@ -1,0 +1,353 @@
+"""Training loop: one readable file, top to bottom (in the spirit of nanoGPT's train.py).
+
+``train(cfg)`` prepares data (tokenizer, cached features, CMVN statistics), builds the model,
+then runs epochs of bucketed batches with SpecAugment, AdamW + warmup, gradient clipping
+and accumulation, bf16 autocast on GPU, a validation loss each epoch, a resumable
+checkpoint every N steps, and best-k checkpoint averaging at the end. Under ``torchrun``
+it trains with DistributedDataParallel (one process per GPU).
+
+What one training step does for a batch is a *strategy* (``allinone.train.strategies``):
+the plain model runs one forward/backward; supernet strategies run several subnets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from allinone.train.config import ExperimentConfig, config_to_yaml
+from allinone.utils import atomic_open, atomic_torch_save, setup_logging
+
+logger = logging.getLogger("allinone")
+
+CHECKPOINT = "checkpoint.pt"  # the resumable training state, overwritten every N steps
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_kind: str) -> None:
+    rank, world, local_rank = dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+
+
+def pick_device(choice: str) -> torch.device:
+    _, _, local_rank = dist_info()
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: ExperimentConfig, exp_dir: Path):
+    """Tokenizer, features and CMVN statistics for an experiment (all cached, so reruns are fast).
+
+    Returns (tokenizer, train_dataset, valid_dataset, cmvn_stats).
+    """
+    from allinone.data import dataset as ds
+    from allinone.data.features import compute_cmvn_stats, load_cmvn_stats, save_cmvn_stats
+    from allinone.data.kaldi import read_data_dir
+    from allinone.data.tokenizer import load_tokenizer, train_tokenizer
+
+    fbank = fbank_config(cfg)
+    train_utts = read_data_dir(cfg.data.train, skip_bad=cfg.data.skip_bad)
+    valid_utts = read_data_dir(cfg.data.valid, skip_bad=cfg.data.skip_bad)
+
+    tok_dir = exp_dir / "tokenizer"
+    if (tok_dir).is_dir():
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        tokenizer = train_tokenizer([u.text for u in train_utts], cfg.tokenizer.kind,
+                                    cfg.tokenizer.vocab_size, tok_dir)
+    cache = Path(cfg.data.feat_cache_dir)
+    train_feats = ds.extract_features(train_utts, fbank, cfg.data.num_workers,
+                                      cache_path=cache / f"{_tag(cfg.data.train)}.pt",
+                                      skip_bad=cfg.data.skip_bad, speed_factors=cfg.data.speed_perturb)
+    valid_feats = ds.extract_features(valid_utts, fbank, cfg.data.num_workers,
+                                      cache_path=cache / f"{_tag(cfg.data.valid)}.pt", skip_bad=cfg.data.skip_bad)
+    stats_path = exp_dir / "feats_stats.npz"
+    if stats_path.is_file():
+        stats = load_cmvn_stats(stats_path)
+    else:
+        # Statistics from the original (unperturbed) training utterances, as ESPnet does.
+        stats = compute_cmvn_stats(train_feats[u.utt_id] for u in train_utts if u.utt_id in train_feats)
+        save_cmvn_stats(stats_path, stats)
+    train_set = ds.ASRDataset(train_feats, ds.speed_perturb_utts(train_utts, cfg.data.speed_perturb), tokenizer)
+    valid_set = ds.ASRDataset(valid_feats, valid_utts, tokenizer)
+    return tokenizer, train_set, valid_set, stats
+
+
+def _tag(data_dir: str) -> str:
+    """A readable cache-file name for a data directory (the cache itself checks its contents)."""
+    parts = Path(data_dir).resolve().parts
+    return "_".join(parts[-2:])
+
+
+def make_loader(dataset, max_frames: int, shuffle: bool, seed: int):
+    from allinone.data.dataset import BucketBatchSampler, collate
+
+    rank, world, _ = dist_info()
+    sampler = BucketBatchSampler(dataset.lengths, max_frames, shuffle=shuffle, seed=seed,
+                                 num_replicas=world, rank=rank)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=0, pin_memory=torch.cuda.is_available())
+    return loader, sampler
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
+    from allinone.models.asr import ASRModel, ASRModelConfig
+
+    model_cfg = dict(cfg.model)
+    model_cfg["vocab_size"] = vocab_size
+    model_cfg.setdefault("encoder", {})
+    model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
+    model = ASRModel(ASRModelConfig.from_dict(model_cfg))
+    model.set_normalize_stats(cmvn_stats)
+    return model
+
+
+def warmup_lr(step: int, warmup: int) -> float:
+    """ESPnet's WarmupLR factor: linear rise to 1 at ``warmup`` steps, then 1/sqrt decay."""
+    step = max(step, 1)
+    return warmup ** 0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of model state dicts (integer buffers are taken from the last)."""
+    avg: dict[str, torch.Tensor] = {}
+    for p in paths:
+        state = torch.load(p, map_location="cpu", weights_only=True)["model"]
+        for k, v in state.items():
+            if v.is_floating_point():
+                avg[k] = avg.get(k, 0) + v.double() / len(paths)
+            else:
+                avg[k] = v
+    return {k: v.float() if v.is_floating_point() else v for k, v in avg.items()}
+
+
+# --------------------------------------------------------------------------- loop
+
+
+@torch.no_grad()
+def validate(model, loader, device, use_bf16: bool) -> float:
+    """Mean per-utterance loss over the validation set (all ranks summed)."""
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"])
+        n = batch["feats"].shape[0]
+        total += out["loss"].float() * n
+        count += n
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
+    """Train the model of ``cfg``; returns the directory of the final (averaged) model."""
+    from allinone.models.saved import save_model_dir
+    from allinone.train.strategies import build_strategy
+
+    exp_dir = Path(cfg.exp_dir)
+    rank, world, _ = dist_info()
+    device = pick_device(cfg.train.device)
+    init_distributed(device.type)
+    is_main = rank == 0
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(exp_dir / "train.log" if is_main else None)
+    if not is_main:
+        logger.setLevel(logging.WARNING)
+    ckpt_path = exp_dir / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another exp_dir")
+    if is_main:
+        with atomic_open(exp_dir / "config.yaml") as f:
+            f.write(config_to_yaml(cfg))
+    seed_everything(cfg.train.seed)
+
+    # Rank 0 prepares tokenizer, features and statistics first; the others then read the caches.
+    if world > 1 and not is_main:
+        dist.barrier()
+    tokenizer, train_set, valid_set, stats = prepare_data(cfg, exp_dir)
+    if world > 1 and is_main:
+        dist.barrier()
+
+    model = build_model(cfg, tokenizer.vocab_size, stats).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters, vocabulary %d (%s)", n_params / 1e6, tokenizer.vocab_size,
+                cfg.tokenizer.kind)
+    strategy = build_strategy(cfg.supernet, model)
+    ddp_model = DistributedDataParallel(model, find_unused_parameters=strategy.skips_parameters) \
+        if world > 1 else model
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)  # no weight decay on norms and biases
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    specaug = build_specaug(cfg) if cfg.specaug.enabled else None
+    use_bf16 = cfg.train.bf16 and device.type == "cuda"
+
+    train_loader, train_sampler = make_loader(train_set, cfg.train.max_frames, True, cfg.train.seed)
+    valid_loader, _ = make_loader(valid_set, cfg.train.max_frames, False, cfg.train.seed)
+
+    state = {"epoch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optim"])
+        state = ckpt["state"]
+        torch.set_rng_state(ckpt["rng"])
+        logger.info("resumed from %s at epoch %d, step %d", ckpt_path, state["epoch"], state["step"])
+
+    def save_checkpoint(batch_in_epoch: int) -> None:
+        if is_main:
+            atomic_torch_save({"model": model.state_dict(), "optim": optim.state_dict(),
+                               "state": {**state, "batch_in_epoch": batch_in_epoch},
+                               "rng": torch.get_rng_state()}, ckpt_path)
+
+    accum = cfg.optim.accum_grad
+    start_time = time.time() - state["elapsed_s"]
+    done = False
+    for epoch in range(state["epoch"], cfg.train.max_epochs):
+        train_sampler.set_epoch(epoch)
+        skip = state.get("batch_in_epoch", 0) if epoch == state["epoch"] else 0
+        model.train()
+        bar = tqdm(total=len(train_sampler), initial=skip, desc=f"epoch {epoch + 1}", disable=not is_main,
+                   dynamic_ncols=True, leave=False)
+        window = {"utts": 0, "t": time.time()}
+        for i, batch in enumerate(train_loader):
+            if i < skip:
+                continue  # resuming mid-epoch: the sampler's order is deterministic per epoch
+            batch = to_device(batch, device)
+            if specaug is not None:
+                batch["feats"], _ = specaug(batch["feats"], batch["feat_lens"])
+            sync = (i + 1) % accum == 0
+            logs = strategy.step(ddp_model, model, batch, use_bf16=use_bf16, loss_scale=1.0 / accum,
+                                 sync_grads=sync or world == 1)
+            window["utts"] += batch["feats"].shape[0]
+            if not sync:
+                continue
+            lr = cfg.optim.lr * warmup_lr(state["step"] + 1, cfg.optim.warmup_steps)
+            for g in optim.param_groups:
+                g["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if torch.isfinite(grad_norm):
+                optim.step()
+            else:
+                logger.warning("step %d: non-finite gradient norm, update skipped", state["step"])
+            optim.zero_grad(set_to_none=True)
+            state["step"] += 1
+            bar.update(accum)
+            if state["step"] % cfg.train.log_every == 0:
+                dt = time.time() - window["t"]
+                msg = " ".join(f"{k}={float(v):.3f}" for k, v in logs.items())
+                bar.set_postfix_str(f"{msg} lr={lr:.2e}")
+                logger.info("epoch %d step %d %s lr=%.2e %.1f utt/s", epoch + 1, state["step"], msg, lr,
+                            window["utts"] * world / max(dt, 1e-9))
+                window = {"utts": 0, "t": time.time()}
+            if state["step"] % cfg.train.save_every_steps == 0:
+                state["elapsed_s"] = time.time() - start_time
+                save_checkpoint(i + 1)
+            if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
+                done = True
+                break
+        bar.close()
+        valid_loss = validate(ddp_model, valid_loader, device, use_bf16)
+        state["history"].append({"epoch": epoch + 1, "step": state["step"], "valid_loss": valid_loss})
+        state["epoch"] = epoch + 1
+        state["batch_in_epoch"] = 0
+        state["elapsed_s"] = time.time() - start_time
+        logger.info("epoch %d done: valid loss %.4f (%.0f s so far)", epoch + 1, valid_loss, state["elapsed_s"])
+        if is_main:
+            atomic_torch_save({"model": model.state_dict()}, exp_dir / f"epoch{epoch + 1}.pt")
+            prune_epoch_checkpoints(exp_dir, state["history"], cfg.train.keep_best)
+        save_checkpoint(0)
+        if done:
+            break
+
+    final_dir = exp_dir / "final"
+    if is_main:
+        best = sorted(state["history"], key=lambda h: h["valid_loss"])[: cfg.train.keep_best]
+        paths = [exp_dir / f"epoch{h['epoch']}.pt" for h in best]
+        model.load_state_dict(average_checkpoints(paths))
+        save_model_dir(final_dir, model, fbank_config(cfg), tokenizer,
+                       extra={"averaged_epochs": [h["epoch"] for h in best],
+                              "train_seconds": state["elapsed_s"], "steps": state["step"]})
+        with atomic_open(exp_dir / "history.json") as f:
+            json.dump(state["history"], f, indent=1)
+        logger.info("averaged epochs %s -> %s", [h["epoch"] for h in best], final_dir)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return final_dir
+
+
+def build_specaug(cfg: ExperimentConfig):
+    from allinone.data.specaug import SpecAugment
+
+    a = cfg.specaug
+    return SpecAugment(num_freq_masks=a.num_freq_masks, freq_mask_width=a.freq_mask_width,
+                       num_time_masks=a.num_time_masks, time_mask_width_ratio=a.time_mask_width_ratio,
+                       time_warp_window=a.time_warp, seed=cfg.train.seed)
+
+
+def fbank_config(cfg: ExperimentConfig):
+    from allinone.data.features import FbankConfig
+
+    return FbankConfig(**asdict(cfg.data.fbank))
+
+
+def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> None:
+    """Keep only the epoch checkpoints that can still be among the best ``keep``."""
+    best = {h["epoch"] for h in sorted(history, key=lambda h: h["valid_loss"])[:keep]}
+    for h in history:
+        if h["epoch"] not in best:
+            (exp_dir / f"epoch{h['epoch']}.pt").unlink(missing_ok=True)
+
+
+__all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model"]
