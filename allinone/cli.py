@@ -96,6 +96,18 @@ def cmd_import_espnet(args) -> None:
     print(f"imported {args.exp_dir} -> {args.out}")
 
 
+def cmd_extract(args) -> None:
+    from pathlib import Path
+
+    from allinone.elastic.extract import extract_to_dirs
+
+    # A --subnet value that names a file is a grid file (list or choices of subnets).
+    strings = [s for s in args.subnet if not Path(s).is_file()]
+    grids = [s for s in args.subnet if Path(s).is_file()] + list(args.grid)
+    for r in extract_to_dirs(args.model, strings, args.out, grids=grids, space=args.space):
+        print(r.line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="allinone", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="a .pth inside exp_dir (default: the averaged one)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_import_espnet)
+
+    x = sub.add_parser("extract", help="extract subnets of a supernet as standalone packed models")
+    x.add_argument("model", help="supernet model directory (exp/.../final)")
+    x.add_argument("--subnet", nargs="+", default=[], help="subnet strings (e.g. L6_F1024_H4_B4) or grid files")
+    x.add_argument("--grid", nargs="+", default=[], help="grid YAML files (lists or choices of subnets)")
+    x.add_argument("--space", default=None, help="search space YAML (default: the one in the model's config.json)")
+    x.add_argument("--out", required=True, help="output model dir (one subnet) or parent dir (several)")
+    x.set_defaults(func=cmd_extract)
     return p
 
 

@@ -45,6 +45,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     """Log to stderr and, when given, to ``log_file`` (appending, so resumed runs keep history)."""
     logger = logging.getLogger("allinone")
     logger.setLevel(level)
+    logger.propagate = False  # libraries that configure the root logger would print every line twice
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
                for h in logger.handlers):

@@ -3,12 +3,15 @@
 Layout::
 
     MODEL_DIR/
-      config.json            architecture (ASRModelConfig), front end, optional subnet string
+      config.json            architecture (ASRModelConfig), front end, optional subnet string,
+                             optional search_space (supernets)
       model.safetensors      float weights                  (plain or extracted float model)
       model.packed.safetensors  packed low-bit weights     (extracted quantized model)
       tokenizer/             the tokenizer the model was trained with
 
 Only one of the two weight files is present. Both load without executing code from the file.
+A supernet (a model with a ``quant`` section) is saved like any model: its quantizer scales
+are ordinary state-dict entries, and ``config.json`` carries its search space.
 """
 
 from __future__ import annotations
@@ -54,23 +57,61 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
-def save_model_dir(out_dir: str | Path, model, fbank, tokenizer, extra: dict | None = None) -> Path:
-    """Write ``model`` (float) with its front-end settings and tokenizer to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _model_config_json(model, fbank, extra: dict | None) -> dict:
     config = {
         "format_version": FORMAT_VERSION,
         "arch": ARCH,
         "model": model.config.to_dict(),
         "fbank": asdict(fbank),
-        **(extra or {}),
     }
+    space = getattr(model, "search_space", None)
+    if space is not None:
+        config["search_space"] = space.to_dict()
+    config.update(extra or {})
+    return config
+
+
+def _save_tokenizer(out_dir: Path, tokenizer) -> None:
     tok_dir = out_dir / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
     tokenizer.save(tok_dir)
+
+
+def save_model_dir(out_dir: str | Path, model, fbank, tokenizer, extra: dict | None = None) -> Path:
+    """Write ``model`` (float) with its front-end settings and tokenizer to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _model_config_json(model, fbank, extra)
+    _save_tokenizer(out_dir, tokenizer)
     save_safetensors_atomic(model.state_dict(), out_dir / FLOAT_WEIGHTS)
     (out_dir / PACKED_WEIGHTS).unlink(missing_ok=True)
+    with atomic_open(out_dir / "config.json") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
+def save_extracted(out_dir: str | Path, model, quantized: dict, fbank, tokenizer,
+                   extra: dict | None = None) -> Path:
+    """Write an extracted subnet: ``config.json``, ``model.packed.safetensors``, ``tokenizer/``.
+
+    quantized: name -> ``QuantizedTensor`` (packed as codes + scale); every other tensor of
+    ``model.state_dict()`` is stored as is.  ``extra`` (e.g. ``{"subnet": "L6_F1024_H4_B4"}``)
+    goes into ``config.json``.
+    """
+    from allinone.quant.packed_file import save_packed
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _model_config_json(model, fbank, extra)
+    _save_tokenizer(out_dir, tokenizer)
+    state = model.state_dict()
+    unknown = sorted(set(quantized) - set(state))
+    if unknown:
+        raise ValueError(f"quantized tensors that are not in the model: {unknown[:5]}")
+    save_packed(out_dir / PACKED_WEIGHTS, ARCH, config["model"],
+                {k: v for k, v in state.items() if k not in quantized}, quantized)
+    (out_dir / FLOAT_WEIGHTS).unlink(missing_ok=True)
     with atomic_open(out_dir / "config.json") as f:
         json.dump(config, f, indent=2)
     return out_dir
@@ -122,5 +163,9 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
             f"weights in {model_dir} do not fit its config.json: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    if config.get("search_space") is not None:
+        from allinone.elastic.space import SearchSpace
+
+        model.search_space = SearchSpace.from_dict(config["search_space"]).for_model(model.config)
     model.to(device).eval()
     return LoadedModel(model, FbankConfig(**config["fbank"]), load_tokenizer(model_dir / "tokenizer"), config)

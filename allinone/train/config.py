@@ -73,6 +73,9 @@ class TrainSection:
     keep_best: int = 5  # best-k (by validation loss) epoch checkpoints averaged at the end
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
+    # Stop after this much training time (0 = no limit) and still validate, average and save;
+    # for fixed-budget comparisons and machines lent for a limited time.
+    time_limit_minutes: float = 0.0
 
 
 @dataclass

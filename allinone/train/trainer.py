@@ -125,14 +125,28 @@ def make_loader(dataset, max_frames: int, shuffle: bool, seed: int):
 
 
 def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
+    """The model of ``cfg``; with a ``supernet`` section, a supernet ready to train
+    (quantizers from ``supernet.quant``, optional ``init_from`` weights sorted by importance,
+    scales set, search space attached: see docs/supernet.md)."""
     from allinone.models.asr import ASRModel, ASRModelConfig
 
     model_cfg = dict(cfg.model)
     model_cfg["vocab_size"] = vocab_size
     model_cfg.setdefault("encoder", {})
     model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
+    opts = None
+    if cfg.supernet:
+        from allinone.train.strategies import SupernetOptions
+
+        opts = SupernetOptions.from_dict(dict(cfg.supernet))
+        if opts.quant is not None:
+            model_cfg["quant"] = dict(opts.quant)
     model = ASRModel(ASRModelConfig.from_dict(model_cfg))
     model.set_normalize_stats(cmvn_stats)
+    if opts is not None:
+        from allinone.elastic.supernet import init_supernet
+
+        init_supernet(model, opts.space, opts.init_from, opts.reorder)
     return model
 
 
@@ -220,7 +234,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, vocabulary %d (%s)", n_params / 1e6, tokenizer.vocab_size,
                 cfg.tokenizer.kind)
-    strategy = build_strategy(cfg.supernet, model)
+    strategy = build_strategy(cfg.supernet, model, seed=cfg.train.seed)
     ddp_model = DistributedDataParallel(model, find_unused_parameters=strategy.skips_parameters) \
         if world > 1 else model
     decay, no_decay = [], []
@@ -293,7 +307,15 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             if state["step"] % cfg.train.save_every_steps == 0:
                 state["elapsed_s"] = time.time() - start_time
                 save_checkpoint(i + 1)
-            if cfg.train.max_steps and state["step"] >= cfg.train.max_steps:
+            out_of_time = False
+            if cfg.train.time_limit_minutes and state["step"] % cfg.train.log_every == 0:
+                # Ranks must agree on stopping, or DDP would wait forever for the one that went on.
+                flag = torch.tensor(float(time.time() - start_time > 60 * cfg.train.time_limit_minutes),
+                                    device=device)
+                if dist.is_initialized():
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if (cfg.train.max_steps and state["step"] >= cfg.train.max_steps) or out_of_time:
                 done = True
                 break
         bar.close()

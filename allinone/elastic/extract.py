@@ -1,0 +1,156 @@
+"""Extraction: supernet + subnet -> a standalone model (a pure function) and its files.
+
+The extracted model is a plain ``ASRModel`` of another config (fewer blocks, per-block
+``layer_linear_units`` / ``layer_attention_heads``, ``head_dim``), so it loads without
+the supernet.  Every tensor is the leading slice of the supernet tensor it comes from
+(first rows / columns: the same views the supernet computes with); blocks are renumbered.
+Quantized weights are the codes and scales of the supernet's quantizer at the subnet's
+bit-width, and the extracted model holds their dequantized values, which is what the
+supernet's fake quantization computes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from allinone.elastic.quant import quantizable_layers
+from allinone.elastic.space import SearchSpace, load_grid, load_space
+from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig
+from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.quant.accounting import SizeReport, size_report
+from allinone.quant.quantizer import QuantizedTensor
+
+__all__ = ["subnet_model_config", "extract", "extracted_size", "extract_to_dirs", "ExtractResult"]
+
+_BLOCK = re.compile(r"^encoder\.encoders\.(\d+)\.")
+
+
+def subnet_model_config(config: ASRModelConfig, subnet: SubnetConfig) -> ASRModelConfig:
+    """The ``ASRModelConfig`` of the standalone model of ``subnet`` (no quantizers).
+
+    Uniform widths stay uniform fields (an ESPnet-expressible config when the head width
+    is ``output_size / heads``); mixed ones become per-block lists.
+    """
+    enc = config.encoder
+    d_k = enc.attention_head_dim
+    units = [c.ffn for c in subnet.layers]
+    heads = [c.heads for c in subnet.layers]
+    uniform_units, uniform_heads = len(set(units)) == 1, len(set(heads)) == 1
+    new_enc = dataclasses.replace(
+        enc,
+        num_blocks=subnet.depth,
+        linear_units=max(units),
+        attention_heads=max(heads),
+        layer_linear_units=None if uniform_units else units,
+        layer_attention_heads=None if uniform_heads else heads,
+        # Keep the supernet's head width; write it only where ESPnet's rule would differ.
+        head_dim=None if max(heads) * d_k == enc.output_size else d_k,
+    )
+    return dataclasses.replace(config, encoder=new_enc, quant=None)
+
+
+def _source_name(name: str, subnet: SubnetConfig) -> str:
+    """Supernet state-dict key of an extracted model's key (block j -> the j-th used block)."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return name
+    return f"encoder.encoders.{subnet.layers[int(m.group(1))].index}.{name[m.end():]}"
+
+
+@torch.no_grad()
+def extract(model: ASRModel, subnet: SubnetConfig) -> tuple[ASRModel, dict[str, QuantizedTensor]]:
+    """Standalone model of ``subnet`` and its quantized weights (name -> codes + scale).
+
+    Pure: ``model`` is not modified.  The returned model is in eval mode; its quantized
+    weights hold ``codes * scale``.
+    """
+    model.encoder.check_subnet(subnet)
+    small = ASRModel(subnet_model_config(model.config, subnet))
+    source = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name, target in small.state_dict().items():
+        t = source[_source_name(name, subnet)]
+        # Leading slice to the target's shape: first rows (w_1, b_1, q/k/v/pos, pos_bias_u/v)
+        # and first columns (w_2, linear_out); everything else has the same shape.
+        state[name] = t[tuple(slice(0, n) for n in target.shape)].clone()
+    quantized: dict[str, QuantizedTensor] = {}
+    for name, _, kind in quantizable_layers(small):
+        m = _BLOCK.match(name)
+        bits = subnet.layers[int(m.group(1))].bits(kind)
+        if bits == FLOAT_BITS:
+            continue
+        layer = model.get_submodule(_source_name(name, subnet).rsplit(".", 1)[0])
+        quantizer = getattr(layer, "quantizer", None)
+        if quantizer is None:
+            raise ValueError(f"subnet asks for {bits}-bit {name}, but the model has no quantizers "
+                             "(it was built without a 'quant' section)")
+        q = quantizer.quantize(state[name], bits)
+        quantized[name] = q
+        state[name] = q.dequantize().to(state[name].dtype)
+    small.load_state_dict(state, strict=True)
+    return small.eval(), quantized
+
+
+def extracted_size(model: ASRModel, quantized: dict[str, QuantizedTensor]) -> SizeReport:
+    """Size accounting of an extracted model: every tensor, codes and scales included."""
+    return size_report(model.state_dict(), {k: q.bits for k, q in quantized.items()},
+                       scale_counts={k: q.scale.numel() for k, q in quantized.items()})
+
+
+@dataclass
+class ExtractResult:
+    subnet: str
+    out_dir: Path
+    report: SizeReport
+    file_bytes: int
+
+    def line(self) -> str:
+        r, mib = self.report, 2 ** 20
+        bits = "float" if r.quantized_params == 0 else f"avg {r.average_bits:.2f} bits"
+        return (f"{self.subnet}: {r.total_params:,} parameters, {bits}, "
+                f"packed {r.packed_bytes / mib:.2f} MiB (ratio {r.compression_ratio:.2f}x vs fp32 "
+                f"{r.fp32_bytes / mib:.2f} MiB), file {self.file_bytes / mib:.2f} MiB -> {self.out_dir}")
+
+
+def _space_of(loaded, space: str | dict | SearchSpace | None) -> SearchSpace:
+    if space is not None:
+        return load_space(space).for_model(loaded.model.config)
+    if loaded.model.search_space is None:
+        raise ValueError("the model directory has no search space (config.json 'search_space'); "
+                         "pass one with --space FILE")
+    return loaded.model.search_space
+
+
+def extract_to_dirs(model_dir: str | Path, subnets: list[str] = (), out: str | Path = ".",
+                    grids: list[str | Path] = (), space: str | dict | SearchSpace | None = None
+                    ) -> list[ExtractResult]:
+    """Extract subnets of a saved supernet into model directories.
+
+    subnets: subnet strings; grids: grid files (``load_grid``).  One subnet is written to
+    ``out``; several go to ``out/<canonical subnet string>/``.  Returns one result each.
+    """
+    from allinone.models.saved import PACKED_WEIGHTS, load_model_dir, save_extracted
+
+    loaded = load_model_dir(model_dir)
+    sp = _space_of(loaded, space)
+    chosen = [sp.parse(s) for s in subnets]
+    for g in grids:
+        chosen += [s for s in load_grid(g, sp) if s not in chosen]
+    if not chosen:
+        raise ValueError("nothing to extract: give --subnet STRING ... or --grid FILE")
+    out = Path(out)
+    results = []
+    for subnet in chosen:
+        name = sp.format(subnet)
+        target = out if len(chosen) == 1 else out / name
+        small, quantized = extract(loaded.model, subnet)
+        path = save_extracted(target, small, quantized, loaded.fbank, loaded.tokenizer,
+                              extra={"subnet": name, "extracted_from": str(model_dir)})
+        results.append(ExtractResult(name, path, extracted_size(small, quantized),
+                                     (path / PACKED_WEIGHTS).stat().st_size))
+    return results

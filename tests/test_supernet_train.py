@@ -1,0 +1,135 @@
+"""Supernet training strategies: losses go down for every trained subnet; DDP (gloo, 2 CPU
+processes) runs a sandwich step and leaves both ranks with identical parameters."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from allinone.train.strategies import SupernetOptions, SupernetStrategy, build_strategy, ctc_kl
+
+from supernet_helpers import tiny_batch, tiny_space, tiny_supernet
+
+TARGETS = ["L4_F48_H4_B32", "L4_F24_H4_B4", "L2_F48_H2_B2"]
+
+
+def make_strategy(model, strategy: str, **kw) -> SupernetStrategy:
+    space = tiny_space().for_model(model.config)
+    model.search_space = space
+    cfg = {"space": space.to_dict(), "strategy": strategy, "num_random": 2, "targets": TARGETS, **kw}
+    return build_strategy(cfg, model, seed=0)
+
+
+def subnet_losses(model, batch, texts) -> list[float]:
+    model.eval()
+    with torch.no_grad():
+        out = [model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"],
+                     subnet=model.search_space.parse(t))["loss"].item() for t in texts]
+    model.train()
+    return out
+
+
+@pytest.mark.parametrize("strategy, trained", [
+    ("sandwich", ["L4_F48_H4_B32", "L2_F24_H2_B2"]),
+    ("targets", TARGETS),
+    ("random", ["L4_F48_H4_B32", "L2_F24_H2_B2", "L4_F24_H4_B4"]),
+])
+def test_strategy_lowers_every_subnet_loss(strategy, trained):
+    model = tiny_supernet()
+    strat = make_strategy(model, strategy)
+    batch = tiny_batch()
+    before = subnet_losses(model, batch, trained)
+    optim = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        logs = strat.step(model, model, batch, use_bf16=False, loss_scale=1.0, sync_grads=True)
+        optim.step()
+        optim.zero_grad()
+    after = subnet_losses(model, batch, trained)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
+    assert all(k.startswith("loss/L") and v.dim() == 0 for k, v in logs.items())
+    if strategy == "targets":
+        assert list(logs) == [f"loss/{t}" for t in TARGETS]  # highest precision (the teacher) first
+
+
+def test_plan_of_each_strategy():
+    model = tiny_supernet()
+    sandwich = make_strategy(model, "sandwich", num_random=3)
+    plan = sandwich.subnets(5)
+    space = sandwich.space
+    assert [space.format(s) for s, _ in plan[:2]] == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
+    assert [t for _, t in plan] == [True, False, False, False, False]
+    assert plan == sandwich.subnets(5)  # (seed, step) fixes the random subnets
+    assert plan != sandwich.subnets(6)
+    targets = make_strategy(model, "targets", targets=["L2_F48_H2_B2", "L4_F24_H4_B4", "L4_F48_H4_B8"])
+    assert [space.format(s) for s, t in targets.subnets(0) if t] == ["L4_F48_H4_B8"]
+
+
+def test_ctc_kl_matches_torch_kl_div():
+    g = torch.Generator().manual_seed(0)
+    t = torch.log_softmax(torch.randn(2, 5, 7, generator=g), -1)
+    s = torch.log_softmax(torch.randn(2, 5, 7, generator=g), -1)
+    lens = torch.tensor([5, 3])
+    want = sum(torch.nn.functional.kl_div(s[i, :n], t[i, :n], log_target=True, reduction="sum")
+               for i, n in enumerate(lens.tolist())) / 2
+    assert torch.allclose(ctc_kl(t, s, lens), want)
+    assert ctc_kl(t, t, lens).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"strategy": "bigbang"}, "strategy"),
+    ({"strategy": "targets"}, "targets"),
+    ({"nmu_random": 2}, "unknown supernet option"),
+    ({"label_weight": 0.0, "kl_weight": 0.0}, "not both 0"),
+])
+def test_bad_options(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        SupernetOptions.from_dict({"space": "x.yaml", **cfg})
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_supernet(seed=0)  # same initial weights on both ranks
+        strat = make_strategy(model, "sandwich", num_random=2)
+        ddp = DistributedDataParallel(model, find_unused_parameters=strat.skips_parameters)
+        optim = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(2):
+            batch = tiny_batch(seed=10 * rank + step)  # different data per rank
+            strat.step(ddp, model, batch, use_bf16=False, loss_scale=1.0, sync_grads=True)
+            optim.step()
+            optim.zero_grad()
+        # Parameters only: BatchNorm running stats are rank-local until DDP broadcasts them
+        # from rank 0 at the next forward.
+        torch.save({k: v.detach() for k, v in model.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sandwich_step_keeps_ranks_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    init = dict(tiny_supernet(seed=0).named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    changed = [k for k in a if not torch.equal(a[k], init[k])]
+    assert any("encoders.3." in k for k in changed)  # the largest subnet's deep blocks trained
+    assert any(".quantizer.scales.b2" in k for k in changed)  # the smallest's 2-bit scales trained
