@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -81,7 +82,11 @@ def prepare_data(cfg: ExperimentConfig, exp_dir: Path):
     valid_utts = read_data_dir(cfg.data.valid, skip_bad=cfg.data.skip_bad)
 
     tok_dir = exp_dir / "tokenizer"
-    if (tok_dir).is_dir():
+    init_from = (cfg.supernet or {}).get("init_from")
+    if not tok_dir.is_dir() and init_from and (Path(init_from) / "tokenizer").is_dir():
+        # A supernet starting from a trained model must keep that model's vocabulary.
+        shutil.copytree(Path(init_from) / "tokenizer", tok_dir)
+    if tok_dir.is_dir():
         tokenizer = load_tokenizer(tok_dir)
     else:
         tokenizer = train_tokenizer([u.text for u in train_utts], cfg.tokenizer.kind,
@@ -234,7 +239,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, vocabulary %d (%s)", n_params / 1e6, tokenizer.vocab_size,
                 cfg.tokenizer.kind)
-    strategy = build_strategy(cfg.supernet, model, seed=cfg.train.seed)
+    # Built before the optimizer: the mixed_precision strategy adds its logits to the model.
+    strategy = build_strategy(cfg.supernet, model, seed=cfg.train.seed, base_lr=cfg.optim.lr)
     ddp_model = DistributedDataParallel(model, find_unused_parameters=strategy.skips_parameters) \
         if world > 1 else model
     decay, no_decay = [], []
@@ -337,6 +343,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         best = sorted(state["history"], key=lambda h: h["valid_loss"])[: cfg.train.keep_best]
         paths = [exp_dir / f"epoch{h['epoch']}.pt" for h in best]
         model.load_state_dict(average_checkpoints(paths))
+        if hasattr(strategy, "finalize"):  # e.g. mixed precision: allocation.json, timing.json
+            strategy.finalize(model, exp_dir, train_seconds=state["elapsed_s"], world_size=world)
         save_model_dir(final_dir, model, fbank_config(cfg), tokenizer,
                        extra={"averaged_epochs": [h["epoch"] for h in best],
                               "train_seconds": state["elapsed_s"], "steps": state["step"]})
