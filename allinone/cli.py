@@ -68,6 +68,9 @@ def cmd_prepare(args) -> None:
                                           seed=args.seed)
     elif args.corpus == "librispeech":
         corpora.librispeech_to_data_dir(args.src, args.out)
+    elif args.corpus == "speechocean762":
+        counts = corpora.speechocean762_data_dirs(args.src, args.out, layout=args.layout, subset=args.subset)
+        print(f"speechocean762 ({args.layout} layout): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"data directories written under {args.out}")
 
 
@@ -108,6 +111,67 @@ def cmd_extract(args) -> None:
         print(r.line())
 
 
+def _bench_command(args) -> str:
+    """The bench command line, spelled out with every setting (for report.md)."""
+    import shlex
+
+    words = ["allinone", "bench", args.model, "--grid", args.grid, "--data", *args.data, "--out", args.out,
+             "--beam", str(args.beam), "--device", args.device, "--latency-repeats", str(args.latency_repeats),
+             "--latency-utts", str(args.latency_utts), "--alpha", str(args.alpha)]
+    if args.reference:
+        words += ["--reference", args.reference]
+    if args.threads is not None:
+        words += ["--threads", str(args.threads)]
+    if args.no_latency:
+        words.append("--no-latency")
+    return shlex.join(words)
+
+
+def cmd_bench(args) -> None:
+    from allinone.eval.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(beam=args.beam, device=args.device, threads=args.threads, latency=not args.no_latency,
+                        latency_repeats=args.latency_repeats, latency_utts=args.latency_utts,
+                        alpha=args.alpha, reference=args.reference, num_workers=args.num_workers)
+    res = run_bench(args.model, args.grid, args.data, args.out, opts, command=_bench_command(args))
+    print(f"{len(res['systems'])} systems x {len(res['test_sets'])} test sets -> {args.out}/results.md, "
+          f"report.md, pareto.png ({res['resumed_systems']} resumed)")
+    print(f"lossless compression ratio: {res['lossless_compression_ratio']:.2f}x ({res['lossless_system']}; "
+          f"reference {res['reference']}, MAPSSWE alpha {res['alpha']})")
+
+
+def cmd_search(args) -> None:
+    from allinone.eval.search import Budget, SearchOptions, run_search
+
+    budget = Budget(args.max_mb, args.max_params, args.max_bits, args.max_latency_ms)
+    opts = SearchOptions(proxy=args.proxy, sample=args.sample, seed=args.seed, strategy=args.strategy,
+                         exhaustive_limit=args.exhaustive_limit, population=args.population,
+                         generations=args.generations, device=args.device, threads=args.threads,
+                         num_workers=args.num_workers)
+    res = run_search(args.model, budget, args.data, opts, grid=args.grid)
+    best = res.best
+    print(f"best subnet under {budget.describe()} ({res.strategy} search, {len(res.evaluated)} evaluated, "
+          f"proxy: dev {res.proxy} on {args.sample} utterances):")
+    print(best.subnet)
+    print(best.line())
+    if args.extract_to:
+        from allinone.elastic.extract import extract_to_dirs
+
+        for r in extract_to_dirs(args.model, [best.subnet], args.extract_to):
+            print(r.line())
+
+
+def cmd_allocate(args) -> None:
+    from allinone.elastic.mixed_stage1 import run_stage1
+    from allinone.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    r = run_stage1(cfg, args.method, args.out, num_batches=args.num_batches, n_samples=args.samples,
+                   device=args.device)
+    print(f"{r['subnet']}: {r['average_bits']:.3f} average bits (target {r['target_bits']}), "
+          f"stage 1 {r['timing']['total_seconds']:.1f} s -> {args.out}/allocation.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="allinone", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,14 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     pr = sub.add_parser("prepare", help="make Kaldi data directories from a corpus layout")
-    pr.add_argument("corpus", choices=["fsdd-digits", "librispeech"])
-    pr.add_argument("--src", required=True, help="corpus root (FSDD folder, or a LibriSpeech subset folder)")
+    pr.add_argument("corpus", choices=["fsdd-digits", "librispeech", "speechocean762"])
+    pr.add_argument("--src", required=True, help="corpus root (FSDD folder, LibriSpeech subset folder, "
+                    "or speechocean762 root)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--num-train", type=int, default=1000)
     pr.add_argument("--num-test", type=int, default=200)
     pr.add_argument("--min-digits", type=int, default=2)
     pr.add_argument("--max-digits", type=int, default=5)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--layout", choices=["shipped", "original"], default="shipped",
+                    help="speechocean762: our copy (train/dev/test) or the authors' release (WAVE/, train/, test/)")
+    pr.add_argument("--subset", type=int, default=0,
+                    help="speechocean762: keep N evenly spaced utterances per split (0 = all; for tests)")
     pr.set_defaults(func=cmd_prepare)
 
     e = sub.add_parser("import-espnet", help="convert an ESPnet2 ASR experiment into an allinone model")
@@ -157,6 +226,58 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--space", default=None, help="search space YAML (default: the one in the model's config.json)")
     x.add_argument("--out", required=True, help="output model dir (one subnet) or parent dir (several)")
     x.set_defaults(func=cmd_extract)
+
+    bn = sub.add_parser("bench", help="WER, significance, size and latency of a grid of subnets (docs/benchmark.md)")
+    bn.add_argument("model", help="supernet model directory (exp/.../final)")
+    bn.add_argument("--grid", required=True,
+                    help="grid YAML file, comma-separated subnet strings, or 'all' (every uniform subnet)")
+    bn.add_argument("--data", nargs="+", required=True, help="Kaldi data directories (test sets)")
+    bn.add_argument("--out", required=True, help="output directory (re-running resumes)")
+    bn.add_argument("--reference", default=None, help="reference subnet (default: the largest float one)")
+    bn.add_argument("--alpha", type=float, default=0.05, help="MAPSSWE significance level")
+    bn.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
+    bn.add_argument("--device", default="cpu", help="decoding device (cpu or cuda)")
+    bn.add_argument("--threads", type=int, default=None, help="CPU threads for latency (default: torch's)")
+    bn.add_argument("--latency-repeats", type=int, default=5, help="timed passes (median reported)")
+    bn.add_argument("--latency-utts", type=int, default=8, help="utterances timed (first N of the first test set)")
+    bn.add_argument("--no-latency", action="store_true", help="skip latency and memory measurements")
+    bn.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
+    bn.set_defaults(func=cmd_bench)
+
+    se = sub.add_parser("search", help="best subnet under a size / bits / latency budget (docs/benchmark.md)")
+    se.add_argument("model", help="supernet model directory (exp/.../final)")
+    se.add_argument("--data", required=True, help="dev data directory (a sample is used)")
+    se.add_argument("--max-mb", type=float, default=None, help="packed size limit in MiB (2^20 bytes)")
+    se.add_argument("--max-params", type=int, default=None, help="parameter limit")
+    se.add_argument("--max-bits", type=float, default=None, help="limit on the mean bit-width of block weights")
+    se.add_argument("--max-latency-ms", type=float, default=None, help="CPU fp32 latency limit, ms per utterance")
+    se.add_argument("--proxy", choices=["loss", "wer"], default="loss", help="dev CTC loss or greedy WER")
+    se.add_argument("--sample", type=int, default=100, help="dev utterances in the proxy sample")
+    se.add_argument("--grid", default=None, help="search only these subnets (grid file, strings, or 'all')")
+    se.add_argument("--strategy", choices=["auto", "exhaustive", "evolution"], default="auto")
+    se.add_argument("--exhaustive-limit", type=int, default=64,
+                    help="auto: exhaustive when the space has at most this many subnets")
+    se.add_argument("--population", type=int, default=16)
+    se.add_argument("--generations", type=int, default=10)
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--threads", type=int, default=None, help="CPU threads for a latency budget")
+    se.add_argument("--num-workers", type=int, default=2)
+    se.add_argument("--extract-to", default=None, help="extract the best subnet into this model directory")
+    se.set_defaults(func=cmd_search)
+
+    al = sub.add_parser("allocate", help="stage 1 of two-stage mixed precision: sensitivity -> allocation.json "
+                                         "(docs/mixed_precision.md)")
+    al.add_argument("config", help="experiment YAML whose supernet section gives quant, init_from, candidate_bits, "
+                                   "target_bits, granularity, allocation_method")
+    al.add_argument("overrides", nargs="*", help="key=value overrides, e.g. supernet.target_bits=3")
+    al.add_argument("--method", choices=["kl", "hessian"], required=True,
+                    help="kl: KL of CTC posteriors with one group quantized; hessian: Hutchinson trace x error")
+    al.add_argument("--out", required=True, help="directory for allocation.json and timing.json")
+    al.add_argument("--num-batches", type=int, default=8, help="training batches to measure on")
+    al.add_argument("--samples", type=int, default=8, help="Hutchinson samples (hessian)")
+    al.add_argument("--device", default="auto")
+    al.set_defaults(func=cmd_allocate)
     return p
 
 

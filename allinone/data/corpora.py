@@ -2,6 +2,9 @@
 
 * ``librispeech_to_data_dir``: the original LibriSpeech layout
   (``<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` + ``*.flac``).
+* ``speechocean762_data_dirs``: speechocean762 as we ship it (``train``/``dev``/``test`` Kaldi
+  dirs + Ogg/Opus audio) or as its authors publish it (``WAVE/SPEAKERnnnn/*.WAV`` and Kaldi
+  ``train``/``test`` dirs), giving the same train / dev / test splits either way.
 * ``fsdd_connected_digits``: SYNTHETIC connected-digit utterances made by concatenating
   same-speaker recordings of the Free Spoken Digit Dataset (isolated digits, 8 kHz).
 """
@@ -20,7 +23,7 @@ import soundfile as sf
 import torch
 
 from allinone.data.audio import load_audio
-from allinone.data.kaldi import DataError, Utterance, write_data_dir
+from allinone.data.kaldi import DataError, Utterance, _read_table, read_data_dir, write_data_dir
 from allinone.utils import atomic_open
 
 logger = logging.getLogger("allinone")
@@ -73,6 +76,95 @@ def _read_librispeech_chapter(trans: Path, speaker: str) -> list[Utterance]:
                 raise DataError(f"{trans}:{lineno}: utterance {utt_id!r}: audio file not found: {flac}")
             utts.append(Utterance(utt_id, str(flac.absolute()), text, speaker))
     return utts
+
+
+# ---------------------------------------------------------------------------------------------
+# speechocean762
+# ---------------------------------------------------------------------------------------------
+
+# The shipped copy splits the corpus's test half by speaker into dev (25 speakers) and test
+# (60 speakers); the other 40 test-half speakers are not used. The train half is train.
+SPEECHOCEAN762_DEV_SPEAKERS = tuple("""
+0093 0094 0113 0120 0765 1186 1293 1334 1408 2007 2014 2016 2030 2116 2488 2917 3014 5039 6902
+8063 8153 9101 9612 9633 9635""".split())
+SPEECHOCEAN762_TEST_SPEAKERS = tuple("""
+0003 0049 0092 0096 0114 0133 0157 0563 0567 0811 0981 1037 1039 1046 1050 1076 1099 1135 1156
+1181 1228 1292 1420 1422 1469 1501 1502 1503 2002 2327 2441 2538 2740 2892 2897 3007 3027 3060
+3214 3412 5015 5017 5029 5072 5220 5406 5432 6067 8068 8581 9107 9118 9555 9610 9618 9622 9626
+9629 9631 9647""".split())
+
+
+def _evenly_spaced(utts: list[Utterance], n: int) -> list[Utterance]:
+    """``n`` utterances spread over the sorted list (several speakers, not just the first)."""
+    if n <= 0 or n >= len(utts):
+        return utts
+    return [utts[(k * len(utts)) // n] for k in range(n)]
+
+
+def _speechocean762_original_half(root: Path, half: str) -> list[Utterance]:
+    """One half (``train`` / ``test``) of the authors' layout: Kaldi ``text`` + ``utt2spk``,
+    audio ``WAVE/SPEAKER<spk>/<utt>.WAV``."""
+    kdir = root / half
+    for name in ("text", "utt2spk"):
+        if not (kdir / name).is_file():
+            raise DataError(f"{root} is not the speechocean762 release layout: {kdir / name} is missing "
+                            "(expected WAVE/ and Kaldi train/ and test/ folders)")
+    texts, spk = _read_table(kdir / "text"), _read_table(kdir / "utt2spk")
+    utts, missing = [], []
+    for utt_id in sorted(texts):
+        if utt_id not in spk:
+            raise DataError(f"{kdir / 'utt2spk'}: utterance {utt_id!r} has no speaker")
+        speaker = spk[utt_id]
+        folder = root / "WAVE" / f"SPEAKER{speaker}"
+        path = next((folder / f"{utt_id}{ext}" for ext in (".WAV", ".wav") if (folder / f"{utt_id}{ext}").is_file()),
+                    None)
+        if path is None:
+            missing.append(str(folder / f"{utt_id}.WAV"))
+            continue
+        utts.append(Utterance(utt_id, str(path.absolute()), " ".join(texts[utt_id].upper().split()), speaker))
+    if missing:
+        raise DataError(f"{len(missing)} audio file(s) of {kdir} not found, e.g. {', '.join(missing[:3])}")
+    return utts
+
+
+def speechocean762_data_dirs(corpus_root: str | os.PathLike, out_dir: str | os.PathLike,
+                             layout: str = "shipped", subset: int = 0) -> dict[str, int]:
+    """Write ``out_dir/{train,dev,test}`` Kaldi dirs (absolute audio paths) for speechocean762.
+
+    layout ``shipped``: the copy in ``shared/data/speechocean762`` (its ``train``/``dev``/``test``
+    dirs); ``original``: the authors' release (``WAVE/``, ``train/``, ``test/``), where dev and
+    test are the speakers of ``SPEECHOCEAN762_DEV_SPEAKERS`` / ``_TEST_SPEAKERS``, so both
+    layouts give the same splits. subset > 0 keeps that many evenly spaced utterances per split
+    (for tests). Returns utterance counts per split.
+    """
+    root = Path(corpus_root)
+    if not root.is_dir():
+        raise DataError(f"speechocean762 corpus root {root} does not exist")
+    if layout == "shipped":
+        splits = {}
+        for split in ("train", "dev", "test"):
+            if not (root / split / "wav.scp").is_file() or not (root / split / "text").is_file():
+                hint = " (is it the authors' layout? pass layout 'original')" if (root / "WAVE").is_dir() else ""
+                raise DataError(f"{root / split} has no wav.scp / text: not the shipped speechocean762 layout{hint}")
+            splits[split] = list(read_data_dir(root / split))
+    elif layout == "original":
+        train = _speechocean762_original_half(root, "train")
+        test_half = _speechocean762_original_half(root, "test")
+        dev_spk, test_spk = set(SPEECHOCEAN762_DEV_SPEAKERS), set(SPEECHOCEAN762_TEST_SPEAKERS)
+        splits = {"train": train,
+                  "dev": [u for u in test_half if u.speaker in dev_spk],
+                  "test": [u for u in test_half if u.speaker in test_spk]}
+    else:
+        raise ValueError(f"speechocean762 layout must be 'shipped' or 'original', got {layout!r}")
+    counts = {}
+    for split, utts in splits.items():
+        if not utts:
+            raise DataError(f"speechocean762 {split}: no utterances found under {root}")
+        utts = _evenly_spaced(sorted(utts, key=lambda u: u.utt_id), subset)
+        write_data_dir(utts, Path(out_dir) / split)
+        counts[split] = len(utts)
+    logger.info("speechocean762 (%s layout) %s -> %s", layout, counts, out_dir)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,11 +59,15 @@ def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) ->
 
 
 @torch.no_grad()
-def recognize_batch(model, feats, feat_lens, opts: DecodeOptions) -> list[list[int]]:
-    """Token ids of the best hypothesis for each utterance of a padded batch."""
+def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -> list[list[int]]:
+    """Token ids of the best hypothesis for each utterance of a padded batch.
+
+    feats: [B, T, F], feat_lens: [B]; subnet: the ``SubnetConfig`` a supernet runs
+    (None = the whole model, the only choice for a plain or extracted model).
+    """
     from allinone.eval.ctc_decode import ctc_greedy_batch, ctc_prefix_beam_search
 
-    enc, enc_lens = model.encode(feats, feat_lens)
+    enc, enc_lens = model.encode(feats, feat_lens, subnet)
     log_probs = model.ctc_log_probs(enc).float()
     if opts.beam <= 1:
         return ctc_greedy_batch(log_probs, enc_lens)

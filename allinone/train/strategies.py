@@ -13,6 +13,20 @@ Supernet strategies (docs/supernet.md), chosen by the ``supernet`` config sectio
   (labels only), the others as above;
 - ``random``: ``num_random`` random subnets on the labels.
 
+Mixed precision (docs/mixed_precision.md):
+
+- ``mixed_precision``: one-stage search: per-group bit-width logits trained with the
+  weights; loss ``label_weight * labels + kl_weight * KL(float teacher || model) +
+  size_weight * penalty(expected bits - target_bits)``; ``finalize`` writes the argmax
+  allocation (``allocation.json``);
+- ``fixed``: one fixed subnet (a uniform precision, or an allocation from stage 1 or
+  from the search) trained on ``label_weight * labels + kl_weight * KL(float teacher || subnet)``:
+  the uniform-precision baselines, stage 2 of the two-stage baselines and the optional
+  fine-tune ("pass 2") of a learned allocation.
+
+Both distil from the *frozen float starting model* (a copy taken when the strategy is
+built, after ``init_from`` was loaded), not from a subnet of the model being trained.
+
 Each subnet's loss is divided by the number of subnets in the step (the gradient is their
 average).  Random subnets come from a ``torch.Generator`` seeded with (seed, step), so
 every DDP rank trains the same subnets.
@@ -21,7 +35,11 @@ every DDP rank trains the same subnets.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,10 +48,15 @@ from torch.nn.parallel import DistributedDataParallel
 from allinone.elastic.space import SearchSpace
 from allinone.elastic.subnet import SubnetConfig
 
-__all__ = ["PlainStrategy", "SupernetOptions", "SupernetStrategy", "build_strategy", "ctc_kl",
-           "grad_sync_context"]
+__all__ = ["PlainStrategy", "SupernetOptions", "SupernetStrategy", "MixedPrecisionStrategy",
+           "FixedSubnetStrategy", "build_strategy", "ctc_kl", "grad_sync_context"]
 
-STRATEGIES = ("sandwich", "targets", "random")
+logger = logging.getLogger("allinone")
+
+STRATEGIES = ("sandwich", "targets", "random", "mixed_precision", "fixed")
+# label_weight when the config leaves it out: non-teacher subnets of a supernet share the
+# loss with the KL term; the mixed-precision strategies train one system on full labels.
+DEFAULT_LABEL_WEIGHT = {"sandwich": 0.5, "targets": 0.5, "random": 0.5, "mixed_precision": 1.0, "fixed": 1.0}
 
 
 def grad_sync_context(ddp_model, sync: bool):
@@ -84,19 +107,48 @@ class SupernetOptions:
     ``QuantConfig`` dict (bits, per_channel, learn_scale, method, mode); init_from: a
     trained allinone model dir or ESPnet experiment to start from; reorder: sort FFN
     units / heads of ``init_from`` by importance; seed: subnet sampling seed (default:
-    train.seed).
+    train.seed).  label_weight defaults to 0.5 (supernet strategies) or 1.0
+    (mixed_precision, fixed).
+
+    Mixed precision (docs/mixed_precision.md): candidate_bits: bit-widths to choose from;
+    target_bits: average-bit budget; granularity: layer | block | kind; tau0, tau_min,
+    anneal_steps: Gumbel-softmax temperature schedule; hard: straight-through one-hot
+    samples; size_weight, size_penalty (square | abs | hinge): the expected-size term;
+    logit_lr: peak learning rate of the logits; search_steps: after this many steps fix
+    the argmax allocation and fine-tune it (pass 2; 0 = search to the end);
+    freeze_weights: train only the logits, model in eval mode (the two-stage baseline's
+    search on the frozen float model); enforce_budget: lower the final argmax until it fits target_bits;
+    allocation_method: greedy | knapsack (stage 1 of the two-stage baselines).
+    subnet (strategy fixed): a subnet string or an allocation.json (file or run dir).
     """
 
     space: Any = None
     strategy: str = "sandwich"
     num_random: int = 2
     targets: list[str] = field(default_factory=list)
-    label_weight: float = 0.5
+    label_weight: float | None = None
     kl_weight: float = 1.0
     quant: dict | None = None
     init_from: str | None = None
     reorder: bool = True
     seed: int | None = None
+    # mixed_precision (and stage 1 of the two-stage baselines)
+    candidate_bits: list[int] = field(default_factory=lambda: [8, 4, 2])
+    target_bits: float = 4.0
+    granularity: str = "layer"
+    tau0: float = 5.0
+    tau_min: float = 0.5
+    anneal_steps: int = 2000
+    hard: bool = False
+    size_weight: float = 1.0
+    size_penalty: str = "square"
+    logit_lr: float = 0.01
+    search_steps: int = 0
+    freeze_weights: bool = False
+    enforce_budget: bool = True
+    allocation_method: str = "knapsack"
+    # fixed
+    subnet: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "SupernetOptions":
@@ -105,6 +157,8 @@ class SupernetOptions:
         if unknown:
             raise ValueError(f"unknown supernet option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         opts = cls(**d)
+        if opts.strategy in DEFAULT_LABEL_WEIGHT and opts.label_weight is None:
+            opts.label_weight = DEFAULT_LABEL_WEIGHT[opts.strategy]
         if opts.space is None:
             raise ValueError("supernet.space is required (a conf/space/*.yaml path or an inline mapping)")
         if opts.strategy not in STRATEGIES:
@@ -115,6 +169,27 @@ class SupernetOptions:
             raise ValueError(f"supernet.num_random={opts.num_random} must be >= 0 (>= 1 for 'random')")
         if opts.label_weight < 0 or opts.kl_weight < 0 or opts.label_weight + opts.kl_weight == 0:
             raise ValueError("supernet.label_weight and kl_weight must be >= 0 and not both 0")
+        if opts.strategy == "fixed" and not opts.subnet:
+            raise ValueError("supernet.strategy=fixed needs supernet.subnet (a subnet string or an allocation.json)")
+        if opts.strategy == "mixed_precision":
+            from allinone.elastic.mixed_precision import GRANULARITIES
+
+            cands = [int(b) for b in opts.candidate_bits]
+            if len(set(cands)) < 2 or any(not 1 <= b <= 8 for b in cands):
+                raise ValueError(f"supernet.candidate_bits={list(opts.candidate_bits)}: need at least two "
+                                 "integer bit-widths in 1..8")
+            if not min(cands) <= opts.target_bits <= max(cands):
+                raise ValueError(f"supernet.target_bits={opts.target_bits} is outside the candidates' range "
+                                 f"{min(cands)}..{max(cands)}")
+            if opts.granularity not in GRANULARITIES:
+                raise ValueError(f"supernet.granularity={opts.granularity!r}; expected one of "
+                                 f"{', '.join(GRANULARITIES)}")
+            if not 0 < opts.tau_min <= opts.tau0:
+                raise ValueError(f"supernet.tau0={opts.tau0}, tau_min={opts.tau_min}: need 0 < tau_min <= tau0")
+            if opts.size_weight < 0 or opts.logit_lr <= 0 or opts.search_steps < 0:
+                raise ValueError("supernet.size_weight must be >= 0, logit_lr > 0, search_steps >= 0")
+            if opts.size_penalty not in ("square", "abs", "hinge"):
+                raise ValueError(f"supernet.size_penalty={opts.size_penalty!r}; expected square, abs or hinge")
         return opts
 
 
@@ -166,10 +241,188 @@ class SupernetStrategy:
         return logs
 
 
-def build_strategy(supernet_cfg: dict | None, model, seed: int = 0):
-    """The plain strategy without a supernet section; a ``SupernetStrategy`` otherwise.
+def _frozen_teacher(model):
+    """A frozen copy of ``model`` (eval mode, no gradients): the float teacher of the
+    mixed-precision strategies, run with ``subnet=None``."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _teacher_log_probs(teacher, batch: dict, use_bf16: bool) -> torch.Tensor:
+    """[B, T', V] CTC log-probabilities of the float teacher (no gradient)."""
+    with torch.no_grad(), torch.autocast(batch["feats"].device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        enc, _ = teacher.encode(batch["feats"], batch["feat_lens"])
+        return teacher.ctc_log_probs(enc).detach()
+
+
+class _DistilledSingleSystem:
+    """Shared parts of ``MixedPrecisionStrategy`` and ``FixedSubnetStrategy``: the frozen
+    float teacher, the distilled loss of one forward, the timing record."""
+
+    skips_parameters = True  # unused scales of other bit-widths; logits during pass 2
+
+    def __init__(self, model, opts: SupernetOptions):
+        self.opts = opts
+        self.space = model.search_space
+        self.teacher = _frozen_teacher(model) if opts.kl_weight > 0 else None
+        self.started = time.time()
+
+    def _loss(self, ddp_model, batch: dict, use_bf16: bool, subnet: SubnetConfig
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        distil = self.teacher is not None
+        out = _forward(ddp_model, batch, use_bf16, subnet=subnet, return_ctc_log_probs=distil)
+        loss = self.opts.label_weight * out["loss"]
+        logs = {"loss_asr": out["loss"].detach()}
+        if distil:
+            kl = ctc_kl(_teacher_log_probs(self.teacher, batch, use_bf16), out["ctc_log_probs"], out["enc_lens"])
+            loss = loss + self.opts.kl_weight * kl
+            logs["kl"] = kl.detach()
+        return loss, logs
+
+
+class MixedPrecisionStrategy(_DistilledSingleSystem):
+    """One-stage mixed precision (``allinone.elastic.mixed_precision``).
+
+    Building it attaches the search to ``model`` (``model.bit_search``: logits as model
+    Parameters, so build it before the optimizer).  Each step: temperature
+    ``tau(step)``, one Gumbel-softmax sample per group (generator seeded with
+    (seed, step): every DDP rank draws the same), forward of the mixed subnet, loss
+    ``label_weight * labels + kl_weight * KL(teacher || model) + size_weight * penalty``.
+    After ``search_steps`` steps (if > 0) the argmax allocation is fixed and trained
+    alone (pass 2).  ``finalize`` writes ``allocation.json`` and ``timing.json`` and
+    detaches the search, so the saved model is a plain supernet.
+
+    base_lr: the trainer's ``optim.lr``; the logits' learning rate is ``logit_lr`` through
+    ``logit_scale = logit_lr / base_lr`` (see the mixed_precision module docstring);
+    None: ``logit_scale = 1`` (the optimizer's own learning rate).
+    """
+
+    def __init__(self, model, opts: SupernetOptions, seed: int = 0, base_lr: float | None = None):
+        from allinone.elastic import mixed_precision as mp
+
+        space = model.search_space
+        template = space.largest()
+        mp.check_space_expresses(space, opts.granularity, opts.candidate_bits)
+        super().__init__(model, opts)  # the teacher is the float model before any search
+        self.seed = opts.seed if opts.seed is not None else seed
+        scale = opts.logit_lr / base_lr if base_lr else 1.0
+        self.search = mp.attach_mixed_precision(model, template, opts.granularity, opts.candidate_bits,
+                                                opts.target_bits, scale)
+        self.mixed = mp.mixed_subnet(template)
+        self.fixed: SubnetConfig | None = None  # the allocation of pass 2, once fixed
+        if opts.freeze_weights:
+            # Stage 1 of a two-stage baseline: search on the frozen float model, logits only.
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("bit_search."))
+
+    def step(self, ddp_model, model, batch: dict, use_bf16: bool, loss_scale: float,
+             sync_grads: bool) -> dict[str, torch.Tensor]:
+        from allinone.elastic.mixed_precision import final_allocation, temperature
+
+        o, search = self.opts, self.search
+        if o.freeze_weights:
+            # The frozen float model as deployed: no dropout, BatchNorm statistics unchanged.
+            model.eval()
+        step = int(search.steps)
+        search.steps += 1
+        searching = not (o.search_steps and step >= o.search_steps)
+        if not searching and self.fixed is None:
+            self.fixed = final_allocation(model, o.enforce_budget)
+            logger.info("mixed precision: allocation fixed after %d steps: %s", step, self.space_format(self.fixed))
+        with grad_sync_context(ddp_model, sync_grads):
+            if searching:
+                tau = temperature(step, o.tau0, o.tau_min, o.anneal_steps)
+                search.sample(tau, o.hard, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+            loss, logs = self._loss(ddp_model, batch, use_bf16, self.mixed if searching else self.fixed)
+            if searching:
+                penalty = search.size_penalty(o.size_penalty)
+                loss = loss + o.size_weight * penalty
+                logs["penalty"] = penalty.detach()
+                logs["tau"] = torch.tensor(tau)
+            (loss * loss_scale).backward()
+        with torch.no_grad():
+            logs["exp_bits"] = search.expected_bits().detach()
+        return {"loss": loss.detach(), **logs}
+
+    def space_format(self, subnet: SubnetConfig) -> str:
+        from allinone.elastic.mixed_precision import add_to_space
+
+        return add_to_space(self.space, subnet).format(subnet)
+
+    def finalize(self, model, exp_dir: str | Path, train_seconds: float | None = None,
+                 world_size: int = 1) -> dict:
+        """Write ``allocation.json`` (argmax allocation, achieved and expected average bits,
+        per-layer bits, probabilities) and ``timing.json`` into ``exp_dir``; detach the
+        search from ``model``.  Returns the allocation report."""
+        from allinone.elastic import mixed_precision as mp
+
+        subnet = self.fixed if self.fixed is not None else mp.final_allocation(model, self.opts.enforce_budget)
+        seconds = train_seconds if train_seconds is not None else time.time() - self.started
+        method = "search_frozen" if self.opts.freeze_weights else "one_stage"
+        timing = mp.write_timing(Path(exp_dir) / mp.TIMING_FILE, method, seconds, world_size)
+        report = mp.allocation_report(model, subnet, method, pass2_from_step=self.opts.search_steps or None,
+                                      timing=timing)
+        mp.detach_mixed_precision(model)
+        if self.opts.freeze_weights:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        mp.write_allocation(Path(exp_dir) / mp.ALLOCATION_FILE, report)
+        logger.info("mixed precision: %s, %.3f average bits (target %.2f) -> %s", report["subnet"],
+                    report["average_bits"], self.opts.target_bits, Path(exp_dir) / mp.ALLOCATION_FILE)
+        return report
+
+
+class FixedSubnetStrategy(_DistilledSingleSystem):
+    """One fixed subnet every step (``supernet.subnet``: a string, or an ``allocation.json``).
+
+    Loss ``label_weight * labels + kl_weight * KL(float teacher || subnet)``.  ``finalize``
+    writes ``allocation.json`` (the subnet and its average bits) and ``timing.json``,
+    whose stages include those recorded in the allocation file it came from (stage 1).
+    """
+
+    def __init__(self, model, opts: SupernetOptions):
+        from allinone.elastic.mixed_precision import parse_into_space, read_allocation
+
+        super().__init__(model, opts)
+        self.source: dict | None = None
+        text = opts.subnet
+        if text.endswith(".json") or Path(text).is_dir():
+            self.source = read_allocation(text)
+            text = self.source["subnet"]
+        # A learned allocation may mix bits per block / kind where the space does not: the
+        # space is widened for it (and saved with the model, so the string extracts).
+        self.subnet, self.space = parse_into_space(model.search_space, text, model.config)
+        model.search_space = self.space
+
+    def step(self, ddp_model, model, batch: dict, use_bf16: bool, loss_scale: float,
+             sync_grads: bool) -> dict[str, torch.Tensor]:
+        with grad_sync_context(ddp_model, sync_grads):
+            loss, logs = self._loss(ddp_model, batch, use_bf16, self.subnet)
+            (loss * loss_scale).backward()
+        return {"loss": loss.detach(), **logs}
+
+    def finalize(self, model, exp_dir: str | Path, train_seconds: float | None = None,
+                 world_size: int = 1) -> dict:
+        from allinone.elastic import mixed_precision as mp
+
+        seconds = train_seconds if train_seconds is not None else time.time() - self.started
+        previous = (self.source or {}).get("timing", {}).get("stages", [])
+        method = "qat_fixed" if self.source is None else f"qat_fixed after {self.source.get('method', '?')}"
+        timing = mp.write_timing(Path(exp_dir) / mp.TIMING_FILE, "qat_fixed", seconds, world_size, previous)
+        report = mp.allocation_report(model, self.subnet, method, timing=timing,
+                                      source=None if self.source is None else self.opts.subnet)
+        mp.write_allocation(Path(exp_dir) / mp.ALLOCATION_FILE, report)
+        return report
+
+
+def build_strategy(supernet_cfg: dict | None, model, seed: int = 0, base_lr: float | None = None):
+    """The plain strategy without a supernet section; otherwise the one ``supernet.strategy`` names.
 
     ``model`` must already be a supernet (``init_supernet`` attached its search space).
+    Build the strategy before the optimizer: ``mixed_precision`` adds the logits to the
+    model.  base_lr: the trainer's ``optim.lr`` (sets the logits' learning rate).
     """
     if not supernet_cfg:
         return PlainStrategy()
@@ -179,4 +432,8 @@ def build_strategy(supernet_cfg: dict | None, model, seed: int = 0):
         raise ValueError("the model is not a supernet: build it with trainer.build_model from the same config")
     if opts.kl_weight > 0 and model.ctc is None and opts.strategy != "random":
         raise ValueError("supernet.kl_weight > 0 distils CTC posteriors, but the model has no CTC head")
+    if opts.strategy == "mixed_precision":
+        return MixedPrecisionStrategy(model, opts, seed, base_lr)
+    if opts.strategy == "fixed":
+        return FixedSubnetStrategy(model, opts)
     return SupernetStrategy(space, opts, seed)

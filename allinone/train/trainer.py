@@ -299,6 +299,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             if torch.isfinite(grad_norm):
                 optim.step()
             else:
+                state["skipped_steps"] = state.get("skipped_steps", 0) + 1
                 logger.warning("step %d: non-finite gradient norm, update skipped", state["step"])
             optim.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -330,7 +331,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         state["epoch"] = epoch + 1
         state["batch_in_epoch"] = 0
         state["elapsed_s"] = time.time() - start_time
-        logger.info("epoch %d done: valid loss %.4f (%.0f s so far)", epoch + 1, valid_loss, state["elapsed_s"])
+        logger.info("epoch %d done: valid loss %.4f (%.0f s so far, %d updates skipped for non-finite gradients)",
+                    epoch + 1, valid_loss, state["elapsed_s"], state.get("skipped_steps", 0))
         if is_main:
             atomic_torch_save({"model": model.state_dict()}, exp_dir / f"epoch{epoch + 1}.pt")
             prune_epoch_checkpoints(exp_dir, state["history"], cfg.train.keep_best)

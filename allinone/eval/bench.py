@@ -1,0 +1,325 @@
+"""``allinone bench``: every subnet of a grid on every test set, with the numbers a choice needs.
+
+For each subnet (system) and each data directory: WER with substitutions / deletions /
+insertions; MAPSSWE against a reference system (default: the largest float subnet, the
+"32-bit model" of method.md section 2) with p-value, verdict at alpha and whether the
+system is significantly *worse*; parameters, packed bytes and compression ratios (size
+accounting of the extracted model: the numbers ``allinone info`` prints for its file);
+latency per backend and peak memory (``allinone.eval.latency``).  Then the lossless
+compression ratio of the grid: the largest ``ratio_vs_ref`` among systems not
+significantly worse than the reference on every test set.
+
+Decoding runs the supernet with the subnet active (``encode(..., subnet)``), which equals
+the extracted model (tests/test_supernet_cli.py); latency runs the extracted model, since
+that is what is deployed.
+
+Output directory::
+
+    OUT/results.csv, results.json, results.md, pareto.png, report.md
+    OUT/systems/<subnet>/system.json          sizes, latency, WER per test set, settings
+    OUT/systems/<subnet>/<test set>/          hyp.trn, ref.trn, text, wer.json, alignments.txt
+
+``system.json`` is written last, atomically: a system that has it (with the same model,
+test sets, beam and latency settings) is not decoded again when the command is re-run,
+so an interrupted long grid resumes where it stopped.  Significance, tables and plots
+are recomputed from the saved hypotheses every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from allinone.elastic.space import SearchSpace, load_grid
+from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig
+from allinone.utils import atomic_open
+
+logger = logging.getLogger("allinone")
+
+__all__ = ["BenchOptions", "TestSet", "default_reference", "resolve_grid", "load_test_set",
+           "run_bench", "read_hyps"]
+
+SYSTEM_FILE = "system.json"
+
+
+@dataclass
+class BenchOptions:
+    beam: int = 1                 # 1 = CTC greedy
+    device: str = "cpu"           # decoding device
+    threads: int | None = None    # CPU threads for latency (None = torch's default)
+    latency: bool = True
+    latency_repeats: int = 5
+    latency_utts: int = 8         # fixed sample: the first N utterances (by id) of the first test set
+    alpha: float = 0.05
+    reference: str | None = None  # subnet string; None = the largest float subnet
+    num_workers: int = 2          # feature extraction workers
+    max_frames: int = 30000       # padded frames per decoding batch
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def default_reference(space: SearchSpace) -> SubnetConfig:
+    """The largest float subnet ``L<max>_F<max>_H<max>_B32`` (the largest subnet if 32 is not a choice)."""
+    if FLOAT_BITS in space.bits:
+        return space.parse(f"L{space.depth[0]}_F{space.ffn[0]}_H{space.heads[0]}_B{FLOAT_BITS}")
+    return space.largest()
+
+
+def _validate_each(items: list, space: SearchSpace, where: str) -> list[SubnetConfig]:
+    """Parse every grid entry; one ``ValueError`` lists all the bad ones (before any work)."""
+    subnets, bad = [], []
+    for item in items:
+        try:
+            for s in load_grid([item], space):
+                if s not in subnets:
+                    subnets.append(s)
+        except ValueError as e:
+            bad.append(f"  {item!r}: {e}")
+    if bad:
+        raise ValueError(f"{len(bad)} grid entr{'y is' if len(bad) == 1 else 'ies are'} not in the model's "
+                         f"search space ({where}):\n" + "\n".join(bad))
+    if not subnets:
+        raise ValueError(f"the grid ({where}) lists no subnets")
+    return subnets
+
+
+def resolve_grid(grid: str | os.PathLike | list, space: SearchSpace) -> list[SubnetConfig]:
+    """Subnets of ``grid``, every one validated against ``space``.
+
+    grid: ``"all"`` (``space.enumerate()``: every uniform subnet), a YAML grid file (a list
+    of subnet strings / single-choice mappings, or a mapping of choice lists, see
+    ``load_grid``), comma-separated subnet strings, or a list of strings.
+    """
+    if isinstance(grid, (list, tuple)):
+        return _validate_each(list(grid), space, "command line")
+    grid = str(grid)
+    if grid == "all":
+        return space.enumerate()
+    path = Path(grid)
+    if path.is_file():
+        content = yaml.safe_load(path.read_text())
+        if isinstance(content, list):
+            return _validate_each(content, space, str(path))
+        try:
+            return load_grid(content, space)  # a mapping of choice lists: one error covers it
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if path.suffix in (".yaml", ".yml"):
+        raise ValueError(f"grid file not found: {path}")
+    return _validate_each([s for s in grid.split(",") if s.strip()], space, "command line")
+
+
+# --------------------------------------------------------------------------- test sets
+
+
+@dataclass
+class TestSet:
+    """One data directory, featurised once and shared by every system."""
+
+    name: str                  # unique short name (the directory name)
+    path: Path
+    refs: dict[str, str]       # utt_id -> reference text
+    batches: list[dict]        # collated batches (feats [B, T, F], feat_lens [B], utt_ids)
+    feats: dict                # utt_id -> [T, F]
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names = [p.resolve().name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    # Two "test" directories of different corpora: prefix the parent folder.
+    return [f"{p.resolve().parent.name}_{p.resolve().name}" for p in paths]
+
+
+def load_test_set(path: str | os.PathLike, name: str, fbank, tokenizer, opts: BenchOptions) -> TestSet:
+    from allinone.data.dataset import ASRDataset, BucketBatchSampler, collate, extract_features
+    from allinone.data.kaldi import read_data_dir
+
+    utts = read_data_dir(path)
+    feats = extract_features(utts, fbank, opts.num_workers, progress=False)
+    dataset = ASRDataset(feats, utts, tokenizer)
+    sampler = BucketBatchSampler(dataset.lengths, opts.max_frames, shuffle=False)
+    batches = [collate([dataset[i] for i in idx]) for idx in sampler]
+    refs = {u.utt_id: u.text for u in utts if u.utt_id in feats}
+    return TestSet(name, Path(path), refs, batches, feats)
+
+
+def read_hyps(decode_dir: str | os.PathLike) -> dict[str, str]:
+    """Hypotheses from a decode dir's Kaldi ``text`` file (``uttid words``; an empty hypothesis is just ``uttid``)."""
+    hyps = {}
+    for line in Path(decode_dir, "text").read_text(encoding="utf-8").splitlines():
+        utt, _, words = line.partition(" ")
+        hyps[utt] = words.strip()
+    return hyps
+
+
+# --------------------------------------------------------------------------- one system
+
+
+def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
+    """What a saved system result depends on; a change means decoding it again."""
+    return {
+        "model": str(Path(model_dir).resolve()),
+        "data": [str(t.path.resolve()) for t in test_sets],
+        "beam": opts.beam,
+        "latency": ({"repeats": opts.latency_repeats, "utts": opts.latency_utts, "threads": opts.threads}
+                    if opts.latency else None),
+    }
+
+
+@torch.no_grad()
+def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions) -> dict[str, str]:
+    from allinone.eval.decode import DecodeOptions, recognize_batch
+
+    dopts = DecodeOptions(beam=opts.beam, device=opts.device)
+    device = torch.device(opts.device)
+    hyps = {}
+    for batch in ts.batches:
+        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), dopts, subnet)
+        for utt_id, tokens in zip(batch["utt_ids"], ids):
+            hyps[utt_id] = tokenizer.decode(tokens)
+    return hyps
+
+
+def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,
+                  test_sets: list[TestSet], latency_feats: list, sys_dir: Path,
+                  opts: BenchOptions, settings: dict) -> dict:
+    """Decode, score, size and time one system; write its files and ``system.json``."""
+    from allinone.elastic.extract import extract, extracted_size
+    from allinone.eval.latency import backends_for, measure_latency
+    from allinone.eval.wer import write_results
+
+    small, quantized = extract(model, subnet)
+    size = extracted_size(small, quantized)
+    bits = {k: q.bits for k, q in quantized.items()}
+    wer = {}
+    for ts in test_sets:
+        hyps = _decode(dec_model, subnet, ts, tokenizer, opts)
+        wer[ts.name] = write_results(sys_dir / ts.name, ts.refs, hyps).to_dict()
+    latency = {}
+    if opts.latency:
+        shift = fbank.hop_length / fbank.sample_rate
+        for backend in backends_for(bits):
+            latency[backend] = measure_latency(small, quantized, latency_feats, backend, shift,
+                                               opts.latency_repeats, opts.threads, opts.beam).to_dict()
+    record = {
+        "system": name,
+        "size": {
+            "params": size.total_params,
+            "quantized_params": size.quantized_params,
+            "avg_bits": None if size.quantized_params == 0 else size.average_bits,
+            "packed_bytes": size.packed_bytes,
+            "fp32_bytes": size.fp32_bytes,
+            "ratio": size.compression_ratio,
+        },
+        "wer": wer,
+        "latency": latency,
+        "settings": settings,
+    }
+    with atomic_open(sys_dir / SYSTEM_FILE, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return record
+
+
+def _load_done(sys_dir: Path, settings: dict, test_sets: list[TestSet]) -> dict | None:
+    """A finished system's record, if it was made with the same settings and its files are there."""
+    path = sys_dir / SYSTEM_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("settings") != settings:
+        logger.info("%s: settings changed since the saved result; decoding it again", sys_dir.name)
+        return None
+    if not all((sys_dir / ts.name / "text").is_file() for ts in test_sets):
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str | os.PathLike,
+              opts: BenchOptions = BenchOptions(), command: str | None = None,
+              progress: bool = True) -> dict:
+    """Benchmark every subnet of ``grid`` on every data dir; write all outputs to ``out_dir``.
+
+    Returns the content of ``results.json``.  Every grid entry (and ``opts.reference``) is
+    validated against the model's search space before any decoding starts.
+    """
+    from allinone.eval.mapsswe import mapsswe
+    from allinone.eval.report import build_results, write_outputs
+    from allinone.models.saved import load_model_dir
+
+    if not 0.0 < opts.alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {opts.alpha}")
+    if opts.latency and (opts.latency_repeats < 1 or opts.latency_utts < 1):
+        raise ValueError("--latency-repeats and the latency sample size must be >= 1")
+    if not data_dirs:
+        raise ValueError("give at least one data directory (--data DIR ...)")
+    loaded = load_model_dir(model_dir)  # CPU: extraction and CPU latency use it
+    model, space = loaded.model, loaded.model.search_space
+    if space is None:
+        raise ValueError(f"{model_dir} is not a supernet (its config.json has no search_space)")
+    # ---- everything the user typed is checked before the first utterance is decoded
+    subnets = resolve_grid(grid, space)
+    reference = space.parse(opts.reference) if opts.reference else default_reference(space)
+    missing = [str(d) for d in data_dirs if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"data directories not found: {', '.join(missing)}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU")
+
+    ref_name = space.format(reference)
+    systems = [(ref_name, reference)] + [(space.format(s), s) for s in subnets if s != reference]
+    out_dir = Path(out_dir)
+    paths = [Path(d) for d in data_dirs]
+    test_sets = [load_test_set(p, n, loaded.fbank, loaded.tokenizer, opts)
+                 for p, n in zip(paths, _unique_names(paths))]
+    first = test_sets[0]
+    latency_feats = [first.feats[u] for u in sorted(first.refs)[: opts.latency_utts]]
+    dec_model = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
+    settings = _settings(model_dir, test_sets, opts)
+
+    records, skipped = {}, 0
+    bar = tqdm(systems, desc="bench", unit="system", disable=not progress)
+    for name, subnet in bar:
+        bar.set_postfix_str(name)
+        sys_dir = out_dir / "systems" / name
+        record = _load_done(sys_dir, settings, test_sets)
+        if record is None:
+            record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
+                                   test_sets, latency_feats, sys_dir, opts, settings)
+        else:
+            skipped += 1
+        records[name] = record
+    if skipped:
+        logger.info("bench: %d of %d systems were already done in %s (resumed)", skipped, len(systems), out_dir)
+
+    # ---- significance against the reference, per test set, from the saved hypotheses
+    significance: dict[str, dict[str, dict]] = {name: {} for name, _ in systems}
+    for ts in test_sets:
+        ref_hyps = read_hyps(out_dir / "systems" / ref_name / ts.name)
+        for name, _ in systems:
+            hyps = ref_hyps if name == ref_name else read_hyps(out_dir / "systems" / name / ts.name)
+            significance[name][ts.name] = mapsswe(ts.refs, ref_hyps, hyps, alpha=opts.alpha).to_dict()
+
+    results = build_results(
+        systems=[records[name] for name, _ in systems], significance=significance, reference=ref_name,
+        test_sets=[{"name": ts.name, "path": str(ts.path), "utterances": len(ts.refs)} for ts in test_sets],
+        model_dir=str(model_dir), opts=opts, command=command, skipped=skipped)
+    write_outputs(results, out_dir)
+    return results
+

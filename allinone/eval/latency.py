@@ -1,0 +1,236 @@
+"""Latency and peak memory of recognising single utterances, per inference backend.
+
+A backend is a way of running an extracted (standalone) model:
+
+| backend | what runs |
+|---|---|
+| ``cpu-fp32`` | the extracted model on CPU, float32 weights (quantized ones dequantized on load) |
+| ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Conv1d layers stay float |
+| ``cuda-fp32`` | the extracted model on the GPU, float32 |
+
+Each utterance is recognised alone (batch of one, as a deployed recogniser would see it):
+encoder, CTC log-probabilities, then greedy or beam search, exactly ``recognize_batch``.
+One warm-up pass over the sample is excluded; then ``repeats`` timed passes.  We report
+the median over repeats of the per-utterance mean, and the real-time factor (compute
+seconds / audio seconds) of the median pass.  Timings are measured, never inferred from
+bit-widths (docs/quantization.md: int8 is not always faster).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` from before the model is moved to
+the device (weights + activations).  On CPU the growth of the process's peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs`` where Linux allows it) over the
+resident set before the backend's model copy was built: weights + activations, but memory
+the allocator had already freed and now reuses is not counted, so read it as approximate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model"]
+
+
+@dataclass
+class LatencyResult:
+    backend: str
+    ms_per_utt: float        # median over repeats of the mean per-utterance milliseconds
+    rtf: float               # real-time factor of the median pass (compute s / audio s)
+    peak_mem_mb: float       # see the module docstring (MiB)
+    threads: int | None      # CPU threads (None on CUDA)
+    repeats: int
+    utterances: int
+    audio_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def int8_applicable(bits: dict[str, int]) -> bool:
+    """True when every quantized tensor is 8-bit (and there is at least one)."""
+    return bool(bits) and all(b == 8 for b in bits.values())
+
+
+def backends_for(bits: dict[str, int], device: str = "cpu") -> list[str]:
+    """Backends to time for an extracted model whose quantized tensors have ``bits``.
+
+    CUDA is timed whenever a GPU is present, whatever ``device`` decoding used.
+    """
+    out = ["cpu-fp32"]
+    if int8_applicable(bits):
+        out.append("cpu-int8")
+    if torch.cuda.is_available():
+        out.append("cuda-fp32")
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _proc_status_kib(key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _CpuPeak:
+    """Peak resident-set growth (bytes) of this process between ``start`` and ``stop``."""
+
+    def start(self) -> None:
+        self.ok = _reset_peak_rss()
+        self.base = _proc_status_kib("VmRSS")
+
+    def stop(self) -> float:
+        peak = _proc_status_kib("VmHWM")
+        if not self.ok or peak is None or self.base is None:
+            return float("nan")  # no reliable peak without a resettable VmHWM
+        return max(0, peak - self.base) * 1024.0
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class _Int8RoutedWeight(torch.Tensor):
+    """The float weight of a Linear whose ``F.linear`` calls go to an ``Int8Linear``.
+
+    The Conformer computes ``F.linear(x, *subnet_weight(layer, ...))`` rather than
+    ``layer(x)`` (so that a supernet can slice and fake-quantize weights), so swapping the
+    module as ``convert_linears_to_int8`` does is never called there.  This tensor
+    subclass catches ``F.linear`` on the unsliced weight with the layer's own bias and runs
+    the integer kernel instead; anything else (slices, other ops) sees the plain
+    dequantized float weight.
+    """
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, int8, bias):
+        t = torch.Tensor._make_subclass(cls, data.detach(), False)
+        t._int8, t._bias = int8, bias
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and len(args) >= 2 and isinstance(args[1], cls):
+            w = args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is w._bias and not isinstance(args[0], cls):
+                return w._int8(args[0])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def int8_model(model, quantized: dict) -> list[str]:
+    """Route, in place, every 8-bit ``nn.Linear`` of an extracted model to integer kernels.
+
+    The ``Int8Linear`` is built from the exact codes and scales (``quantized``), the
+    layer's bias folded in; see ``_Int8RoutedWeight`` for why the module itself stays.
+    Returns the names of the routed layers.
+    """
+    from allinone.quant.int8 import Int8Linear
+
+    routed = []
+    for name, q in quantized.items():
+        layer = model.get_submodule(name.rsplit(".", 1)[0])
+        if q.bits != 8 or not isinstance(layer, torch.nn.Linear):
+            continue  # Conv1d layers (pointwise / depthwise) stay on float kernels
+        int8 = Int8Linear.from_quantized(q, layer.bias)
+        weight = layer._parameters.pop("weight")
+        layer.int8 = int8  # a child module: moves and is saved with the model
+        layer.weight = _Int8RoutedWeight(weight.data, int8, layer.bias)
+        routed.append(name.rsplit(".", 1)[0])
+    return routed
+
+
+def _backend_model(model, backend: str, quantized: dict):
+    """A copy of ``model`` set up for ``backend`` (the original is left as it is)."""
+    m = copy.deepcopy(model).eval()
+    if backend == "cpu-int8":
+        if not int8_model(m, quantized):
+            raise ValueError("cpu-int8 backend: the model has no 8-bit Linear layers")
+    elif backend == "cuda-fp32":
+        m = m.to("cuda")
+    elif backend != "cpu-fp32":
+        raise ValueError(f"unknown latency backend {backend!r}; known: cpu-fp32, cpu-int8, cuda-fp32")
+    return m
+
+
+@torch.no_grad()
+def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: str,
+                    frame_shift_s: float = 0.01, repeats: int = 5, threads: int | None = None,
+                    beam: int = 1) -> LatencyResult:
+    """Time ``backend`` recognising each utterance of ``feats`` alone.
+
+    model: an extracted standalone ``ASRModel`` (CPU); quantized: its ``QuantizedTensor``s
+    (exact 8-bit codes for ``cpu-int8``); feats: utterances, each [T, F] raw log-mel;
+    frame_shift_s: seconds of audio per feature frame (hop / sample rate);
+    threads: CPU threads (None = leave torch's setting).
+    """
+    from allinone.eval.decode import DecodeOptions, recognize_batch
+
+    if repeats < 1 or not feats:
+        raise ValueError("latency needs repeats >= 1 and at least one utterance")
+    cuda = backend.startswith("cuda")
+    device = torch.device("cuda" if cuda else "cpu")
+    old_threads = torch.get_num_threads()
+    if threads is not None and not cuda:
+        torch.set_num_threads(threads)
+    try:
+        cpu_peak = _CpuPeak()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            cpu_peak.start()
+        m = _backend_model(model, backend, quantized)
+        inputs = [(f.unsqueeze(0).to(device), torch.tensor([f.shape[0]], device=device)) for f in feats]
+        opts = DecodeOptions(beam=beam, device=str(device))
+
+        def one_pass() -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for x, n in inputs:
+                recognize_batch(m, x, n, opts)
+            if cuda:
+                torch.cuda.synchronize()  # kernels are asynchronous: wait before reading the clock
+            return time.perf_counter() - t0
+
+        one_pass()  # warm-up: allocator, kernel selection, fbgemm packing; not counted
+        passes = sorted(one_pass() for _ in range(repeats))
+        median_s = statistics.median(passes)
+        if cuda:
+            peak = float(torch.cuda.max_memory_allocated() - base)
+        else:
+            peak = cpu_peak.stop()
+        del m, inputs
+    finally:
+        torch.set_num_threads(old_threads)
+    audio_s = sum(f.shape[0] for f in feats) * frame_shift_s
+    return LatencyResult(
+        backend=backend,
+        ms_per_utt=1000.0 * median_s / len(feats),
+        rtf=median_s / audio_s,
+        peak_mem_mb=peak / 2 ** 20,
+        threads=None if cuda else (threads if threads is not None else old_threads),
+        repeats=repeats,
+        utterances=len(feats),
+        audio_seconds=audio_s,
+    )

@@ -1,0 +1,348 @@
+"""Tables, plot and report of ``allinone bench`` (``results.{csv,json,md}``, ``pareto.png``, ``report.md``).
+
+``build_results`` turns the per-system records (sizes, WER, latency) and the MAPSSWE
+results into one JSON-ready dict; ``write_outputs`` writes every file from that dict, so
+the CSV, the JSON, the markdown table and the plot always show the same numbers.
+
+Definitions (method.md section 2):
+
+* ``ratio`` = the system's fp32 bytes / its packed bytes: what ``allinone info`` prints
+  for the extracted file (only quantization counts);
+* ``ratio_vs_ref`` = the reference's fp32 bytes / the system's packed bytes: compression
+  against the 32-bit model (depth and width count too). The lossless compression ratio
+  uses this one;
+* ``worse``: MAPSSWE (reference = system a) finds a significant difference at alpha and
+  the reference is the better one; ``lossless`` = not worse on *every* test set;
+* ``pooled WER`` = 100 * all errors / all reference words over the test sets (the plot's
+  y axis and the size-bracket choice when there are several test sets).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from allinone.utils import atomic_open
+
+__all__ = ["build_results", "write_outputs", "pareto_front", "size_brackets", "ROW_FIELDS",
+           "csv_value", "provenance"]
+
+MIB = 2 ** 20
+
+# One CSV / JSON row per (system, test set); latency columns follow, per backend.
+SIZE_FIELDS = ["params", "quantized_params", "avg_bits", "packed_bytes", "fp32_bytes", "ratio", "ratio_vs_ref"]
+ROW_FIELDS = [
+    "system", "reference", "data", "wer", "sub", "del", "ins", "errors", "words", "sentences",
+    "ser", "p_value", "statistic", "significant", "worse", "lossless", "lossless_all",
+] + SIZE_FIELDS
+LATENCY_FIELDS = ("ms_per_utt", "rtf", "peak_mem_mb")
+
+
+def _finite(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def provenance(command: str | None) -> dict:
+    """Command, versions, date and machine, for the report."""
+    import allinone
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "command": command,
+        "allinone": allinone.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu},
+    }
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the systems no other system beats on both size and WER.
+
+    points: (name, size, wer). A system is on the front when every smaller-or-equal system
+    has a strictly higher WER (ties in size: the lower WER wins).
+    """
+    front, best = [], math.inf
+    for name, size, wer in sorted(points, key=lambda p: (p[1], p[2])):
+        if wer < best:
+            front.append(name)
+            best = wer
+    return front
+
+
+def size_brackets(systems: list[dict], ref_bytes: int) -> list[dict]:
+    """Best system (lowest pooled WER, then smallest) with packed size <= ref_bytes / k, k = 1, 2, 4, ...
+
+    Brackets stop at the first one below the smallest system.
+    """
+    out, k = [], 1
+    smallest = min(s["packed_bytes"] for s in systems)
+    while ref_bytes / k >= smallest:
+        limit = ref_bytes / k
+        fits = [s for s in systems if s["packed_bytes"] <= limit]
+        best = min(fits, key=lambda s: (s["pooled_wer"], s["packed_bytes"]))
+        out.append({"max_ratio": k, "max_bytes": limit, "system": best["system"],
+                    "packed_bytes": best["packed_bytes"], "ratio_vs_ref": best["ratio_vs_ref"],
+                    "pooled_wer": best["pooled_wer"], "lossless": best["lossless"]})
+        k *= 2
+    return out
+
+
+def build_results(systems: list[dict], significance: dict, reference: str, test_sets: list[dict],
+                  model_dir: str, opts, command: str | None, skipped: int = 0) -> dict:
+    """The content of results.json.
+
+    systems: ``system.json`` records (reference first); significance: system -> test set ->
+    ``MapsswResult.to_dict()`` with the reference as system a.
+    """
+    ref_record = next(s for s in systems if s["system"] == reference)
+    ref_bytes = ref_record["size"]["fp32_bytes"]
+    names = [t["name"] for t in test_sets]
+    backends = sorted({b for s in systems for b in s["latency"]})
+    out_systems, rows = [], []
+    for rec in systems:
+        name, size = rec["system"], rec["size"]
+        per_set = {}
+        for t in names:
+            w, sig = rec["wer"][t], significance[name][t]
+            worse = bool(sig["significant"] and sig["better"] == "a")
+            per_set[t] = {
+                "wer": w["wer"], "sub": w["sub"], "del": w["del"], "ins": w["ins"], "errors": w["errors"],
+                "words": w["words"], "sentences": w["sentences"], "ser": w["ser"],
+                "p_value": sig["p_value"], "statistic": sig["statistic"],
+                "significant": bool(sig["significant"]), "worse": worse, "lossless": not worse,
+            }
+        errors = sum(per_set[t]["errors"] for t in names)
+        words = sum(per_set[t]["words"] for t in names)
+        sysd = {
+            "system": name, "reference": name == reference,
+            "params": size["params"], "quantized_params": size["quantized_params"],
+            "avg_bits": _finite(size["avg_bits"]), "packed_bytes": size["packed_bytes"],
+            "fp32_bytes": size["fp32_bytes"], "ratio": size["ratio"],
+            "ratio_vs_ref": ref_bytes / size["packed_bytes"],
+            "pooled_wer": 100.0 * errors / words,
+            "lossless": all(per_set[t]["lossless"] for t in names),
+            "test_sets": per_set,
+            "latency": {b: {k: _finite(v) for k, v in lat.items()} for b, lat in rec["latency"].items()},
+        }
+        out_systems.append(sysd)
+        for t in names:
+            row = {"system": name, "reference": sysd["reference"], "data": t, **per_set[t],
+                   "lossless_all": sysd["lossless"]}
+            row.update({k: sysd[k] for k in SIZE_FIELDS})
+            for b in backends:
+                lat = sysd["latency"].get(b, {})
+                row.update({f"{b}_{k}": lat.get(k) for k in LATENCY_FIELDS})
+            rows.append(row)
+    lossless = [s for s in out_systems if s["lossless"]]
+    best = max(lossless, key=lambda s: (s["ratio_vs_ref"], -s["pooled_wer"]))  # the reference always is
+    return {
+        "model": model_dir,
+        "reference": reference,
+        "reference_fp32_bytes": ref_bytes,
+        "alpha": opts.alpha,
+        "beam": opts.beam,
+        "test_sets": test_sets,
+        "backends": backends,
+        "lossless_compression_ratio": best["ratio_vs_ref"],
+        "lossless_system": best["system"],
+        "pareto_front": pareto_front([(s["system"], s["packed_bytes"], s["pooled_wer"]) for s in out_systems]),
+        "size_brackets": size_brackets(out_systems, ref_bytes),
+        "systems": out_systems,
+        "rows": rows,
+        "row_fields": ROW_FIELDS + [f"{b}_{k}" for b in backends for k in LATENCY_FIELDS],
+        "resumed_systems": skipped,
+        "provenance": provenance(command),
+    }
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def csv_value(v) -> str:
+    """How a JSON value is written in results.csv (None -> empty; floats at full precision)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _csv(results: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    fields = results["row_fields"]
+    w.writerow(fields)
+    for row in results["rows"]:
+        w.writerow([csv_value(row.get(k)) for k in fields])
+    return buf.getvalue()
+
+
+def _fmt(x, spec: str, empty: str = "-") -> str:
+    return empty if x is None else format(x, spec)
+
+
+def results_table(results: dict) -> str:
+    """The markdown table of results.md: one line per system."""
+    sets = [t["name"] for t in results["test_sets"]]
+    head = ["system", "params", "packed MiB", "ratio", "ratio vs ref", "avg bits"]
+    for t in sets:
+        head += [f"WER {t} (S/D/I)", f"p {t}"]
+    head += ["lossless"] + [f"{b} ms/utt (RTF)" for b in results["backends"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for s in results["systems"]:
+        name = f"**{s['system']}** (ref)" if s["reference"] else s["system"]
+        cells = [name, f"{s['params']:,}", f"{s['packed_bytes'] / MIB:.3f}", f"{s['ratio']:.2f}x",
+                 f"{s['ratio_vs_ref']:.2f}x", _fmt(s["avg_bits"], ".2f", "32 (float)")]
+        for t in sets:
+            r = s["test_sets"][t]
+            mark = " ▲" if r["worse"] else ""  # significantly worse than the reference
+            cells += [f"{r['wer']:.2f}{mark} ({r['sub']}/{r['del']}/{r['ins']})", f"{r['p_value']:.3f}"]
+        cells.append("yes" if s["lossless"] else "no")
+        for b in results["backends"]:
+            lat = s["latency"].get(b)
+            cells.append("-" if not lat else f"{lat['ms_per_utt']:.1f} ({lat['rtf']:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _results_md(results: dict) -> str:
+    sets = ", ".join(f"{t['name']} ({t['utterances']} utts)" for t in results["test_sets"])
+    return (
+        f"# Benchmark of {results['model']}\n\n"
+        f"Test sets: {sets}. Reference: {results['reference']}. MAPSSWE at alpha = {results['alpha']}; "
+        "▲ = significantly worse than the reference; p = two-tailed p-value against the reference.\n"
+        "ratio = the system's fp32 size / its packed size (as `allinone info`); ratio vs ref = the "
+        "reference's fp32 size / the packed size. Latency: median over repeats, per utterance, warm-up excluded.\n\n"
+        + results_table(results)
+        + f"\nLossless compression ratio: **{results['lossless_compression_ratio']:.2f}x** "
+          f"({results['lossless_system']}).\n"
+    )
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    """WER (pooled over test sets) against packed size (log axis): lossless systems filled,
+    lossy hollow, the reference a star, the Pareto front a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
+    front = set(results["pareto_front"])
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for lossless, style in ((True, dict(color="tab:green", label="lossless (not significantly worse)")),
+                            (False, dict(facecolors="none", edgecolors="tab:red", label="significantly worse"))):
+        pts = [s for s in systems if s["lossless"] == lossless and not s["reference"]]
+        if pts:
+            ax.scatter([s["packed_bytes"] / MIB for s in pts], [s["pooled_wer"] for s in pts], s=36,
+                       zorder=3, **style)
+    ref = next(s for s in systems if s["reference"])
+    ax.scatter([ref["packed_bytes"] / MIB], [ref["pooled_wer"]], marker="*", s=220, color="gold",
+               edgecolors="black", zorder=4, label=f"reference {ref['system']}")
+    ax.axhline(ref["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1)
+    fs = sorted((s for s in systems if s["system"] in front), key=lambda s: s["packed_bytes"])
+    ax.plot([s["packed_bytes"] / MIB for s in fs], [s["pooled_wer"] for s in fs], color="tab:blue",
+            lw=1, drawstyle="steps-post", zorder=2, label="Pareto front")
+    for s in fs:
+        ax.annotate(s["system"], (s["packed_bytes"] / MIB, s["pooled_wer"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    # Plain numbers on the size axis: a grid often spans less than a decade, where the
+    # default log labels would read "2 x 10^0".
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("packed size (MiB, log scale)")
+    sets = [t["name"] for t in results["test_sets"]]
+    ax.set_ylabel("WER (%)" + (f", pooled over {', '.join(sets)}" if len(sets) > 1 else f", {sets[0]}"))
+    ax.set_title(f"lossless compression ratio {results['lossless_compression_ratio']:.2f}x "
+                 f"({results['lossless_system']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def _report_md(results: dict) -> str:
+    p = results["provenance"]
+    m = p["machine"]
+    ref = next(s for s in results["systems"] if s["reference"])
+    n_lossless = sum(s["lossless"] for s in results["systems"])
+    lines = [
+        f"# Benchmark report: {results['model']}",
+        "",
+        f"![WER against packed size](pareto.png)",
+        "",
+        f"**Lossless compression ratio: {results['lossless_compression_ratio']:.2f}x** "
+        f"({results['lossless_system']}): the largest compression against the reference "
+        f"{results['reference']} ({results['reference_fp32_bytes'] / MIB:.3f} MiB fp32, "
+        f"pooled WER {ref['pooled_wer']:.2f}%) among the {n_lossless} of {len(results['systems'])} systems "
+        f"that no test set finds significantly worse (MAPSSWE, alpha = {results['alpha']}).",
+        "",
+        "## Best system per size bracket",
+        "",
+        "| packed size <= | best system | packed MiB | ratio vs ref | WER (pooled) | lossless |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for b in results["size_brackets"]:
+        lines.append(f"| ref / {b['max_ratio']} ({b['max_bytes'] / MIB:.3f} MiB) | {b['system']} | "
+                     f"{b['packed_bytes'] / MIB:.3f} | {b['ratio_vs_ref']:.2f}x | {b['pooled_wer']:.2f} | "
+                     f"{'yes' if b['lossless'] else 'no'} |")
+    lines += [
+        "",
+        f"Pareto front (smallest first): {', '.join(results['pareto_front'])}.",
+        "",
+        "Full table: [results.md](results.md) (also results.csv, results.json); per-system "
+        "hypotheses and wer.json under systems/.",
+        "",
+        "## How this was made",
+        "",
+        "```",
+        p["command"] or "(run from Python: allinone.eval.bench.run_bench)",
+        "```",
+        "",
+        f"allinone {p['allinone']}, torch {p['torch']}, Python {p['python']}; {p['date']}; "
+        f"{m['platform']}, {m['cpu']} ({m['cpu_count']} CPUs)" + (f", GPU {m['gpu']}" if m["gpu"] else "")
+        + f"; beam {results['beam']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out_dir: str | os.PathLike) -> None:
+    """results.json, results.csv, results.md, pareto.png and report.md in ``out_dir``, each atomic."""
+    out = Path(out_dir)
+    with atomic_open(out / "results.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, allow_nan=False)
+        f.write("\n")
+    with atomic_open(out / "results.csv", "w", encoding="utf-8", newline="") as f:
+        f.write(_csv(results))
+    with atomic_open(out / "results.md", "w", encoding="utf-8") as f:
+        f.write(_results_md(results))
+    plot_pareto(results, out / "pareto.png")
+    with atomic_open(out / "report.md", "w", encoding="utf-8") as f:
+        f.write(_report_md(results))

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# LibriSpeech-100: the ESPnet LibriSpeech-100 Conformer as float baseline, trained on
+# train-clean-100 (optionally speed-perturbed), evaluated on dev-clean/other, test-clean/other.
+#
+# Stages: 1 data  2 tokenizer + features  3 float baseline training  4 decode + score
+#
+#   ./run.sh --librispeech /path/to/LibriSpeech
+#   ./run.sh --librispeech /path/to/LibriSpeech --speed_perturb "1.0"     # no perturbation
+#   ./run.sh --librispeech ... --init_from /path/to/hubert_or_wav2vec2    # not supported yet
+# A finished stage is not redone; an interrupted training resumes. Logs: <exp>/log/stageN_*.log.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=1
+stop_stage=4
+librispeech=               # the LibriSpeech folder holding train-clean-100/, dev-clean/, ...
+allow_missing_subsets=false  # true: use only the evaluation subsets present (tests)
+speed_perturb="0.9 1.0 1.1"
+init_from=                 # a local wav2vec2 / HuBERT checkpoint to start from (not supported yet)
+config=conf/train_conformer.yaml
+train_opts=""              # extra key=value overrides, e.g. "train.max_epochs=35"
+datadir=data
+dumpdir=dump
+expdir=exp
+test_sets=                 # default: every evaluation subset prepared in stage 1
+nj=8
+beam=10
+ctc_weight=0.3
+device=auto
+min_free_gb=20             # features of train-clean-100 x 3 speeds are about 15 GB
+python=../../../.venv/bin/python
+. ../../utils/parse_options.sh
+. ../../utils/stage.sh
+. ../../utils/decode.sh
+
+[ -x "$python" ] || python=$(command -v python3)
+[ "$device" != auto ] || device=$("$python" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+require_file "$config" "training config (--config)"
+asr_exp=$expdir/asr_$(basename "$config" .yaml)
+sp_list="[$(echo $speed_perturb | tr ' ' ',')]"
+common="data.train=$datadir/train_clean_100 data.valid=$datadir/dev data.feat_cache_dir=$dumpdir/feats data.num_workers=$nj data.speed_perturb=$sp_list"
+
+if [ -n "$init_from" ]; then
+  # Checked first: a user asking for a pretrained start must not get a from-scratch model.
+  [ -e "$init_from" ] || die "--init_from $init_from does not exist"
+  "$python" -c "import allinone.interop.wav2vec2" 2>/dev/null || \
+    die "--init_from: starting from a wav2vec2/HuBERT checkpoint is not supported yet (allinone has no wav2vec2/HuBERT loader; see issue 7). Run without --init_from to train the Conformer from scratch."
+  die "--init_from: a wav2vec2/HuBERT loader exists, but this recipe does not use it yet; see issue 7"
+fi
+
+if run_stage 1 "data preparation (LibriSpeech: ${librispeech:-unset} -> $datadir)"; then
+  sig="librispeech=$librispeech allow_missing=$allow_missing_subsets"
+  if ! is_done "$datadir/.stage1.done" "$sig"; then
+    [ -n "$librispeech" ] || die "pass --librispeech /path/to/LibriSpeech (the folder holding train-clean-100/, dev-clean/, ...)"
+    require_dir "$librispeech" "LibriSpeech root (--librispeech)"
+    require_dir "$librispeech/train-clean-100" "LibriSpeech training subset" "download train-clean-100 from openslr.org/12"
+    require_dir "$librispeech/dev-clean" "LibriSpeech validation subset" "download dev-clean from openslr.org/12"
+    for s in dev-other test-clean test-other; do
+      [ -d "$librispeech/$s" ] || [ "$allow_missing_subsets" = true ] || \
+        die "LibriSpeech evaluation subset not found: $librispeech/$s (download it from openslr.org/12, or pass --allow_missing_subsets true to use only the subsets present)"
+    done
+    require_disk "$datadir" 1
+    run_logged "$datadir/log/stage1_data.log" local/data.sh "$librispeech" "$datadir" "$python" "$allow_missing_subsets"
+    mark_done "$datadir/.stage1.done" "$sig"
+  fi
+  echo "data directories: $datadir/{$(tr ' ' ',' < "$datadir/subsets"),dev}"
+fi
+
+if [ -z "$test_sets" ] && [ -f "$datadir/subsets" ]; then
+  test_sets=$(tr ' ' '\n' < "$datadir/subsets" | grep -v '^train' | tr '\n' ' ')
+fi
+check_data() {
+  for s in train_clean_100 dev $test_sets; do
+    for f in wav.scp text; do require_file "$datadir/$s/$f" "data list" "run stage 1 first"; done
+  done
+}
+
+if run_stage 2 "tokenizer and features (config $config, speed perturbation $sp_list)"; then
+  if ! is_done "$asr_exp/.stage2.done" "sp=$sp_list"; then
+    check_data
+    require_disk "$dumpdir" "$min_free_gb"
+    run_logged "$asr_exp/log/stage2_features.log" "$python" ../../utils/prepare_features.py "$config" exp_dir="$asr_exp" $common $train_opts
+    mark_done "$asr_exp/.stage2.done" "sp=$sp_list"
+  fi
+  echo "tokenizer: $asr_exp/tokenizer; features: $dumpdir/feats; statistics: $asr_exp/feats_stats.npz"
+fi
+
+if run_stage 3 "float baseline training ($config -> $asr_exp)"; then
+  if [ -f "$asr_exp/final/config.json" ]; then
+    echo "already done ($asr_exp/final exists; delete it and $asr_exp/checkpoint.pt to retrain)"
+  else
+    check_data
+    require_disk "$expdir" 2
+    resume=""; [ -f "$asr_exp/checkpoint.pt" ] && { resume=--resume; echo "resuming from $asr_exp/checkpoint.pt"; }
+    run_logged "$asr_exp/log/stage3_train.log" "$python" -m allinone.cli train "$config" exp_dir="$asr_exp" $common $train_opts $resume
+  fi
+  echo "float model: $asr_exp/final (training log: $asr_exp/train.log)"
+fi
+
+if run_stage 4 "decode and score ($test_sets)"; then
+  check_data
+  require_file "$asr_exp/final/config.json" "float model" "run stage 3 first"
+  decode_model "$asr_exp/final" "$asr_exp/decode_beam$beam"
+  "$python" ../../utils/show_results.py "$asr_exp/decode_beam$beam" > "$expdir/RESULTS.md"
+  cat "$expdir/RESULTS.md"
+  echo "results: $expdir/RESULTS.md (per set: $asr_exp/decode_beam$beam/<set>/wer.json)"
+fi

@@ -1,0 +1,227 @@
+"""``allinone bench``: every output file, consistent numbers, validation before work, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import allinone.eval.bench as bench
+from allinone.cli import main
+from allinone.elastic.extract import extract_to_dirs
+from allinone.eval.bench import BenchOptions, read_hyps, resolve_grid, run_bench
+from allinone.eval.decode import DecodeOptions, decode_data_dir
+from allinone.eval.latency import int8_model
+from allinone.eval.mapsswe import mapsswe
+from allinone.eval.report import LATENCY_FIELDS, csv_value, pareto_front
+from allinone.models.saved import PACKED_WEIGHTS, load_model_dir
+from allinone.quant.packed_file import describe_packed, load_packed
+
+from bench_helpers import SMALL_SPACE, make_digits, make_supernet_dir
+from supernet_helpers import tiny_batch
+
+GRID = ["L4_F48_H4_B8", "L2_F24_H2_B2", "L4_F24_H4_B8"]  # + the reference L4_F48_H4_B32, added by bench
+FILES = ["results.csv", "results.json", "results.md", "pareto.png", "report.md"]
+
+
+@pytest.fixture(scope="module")
+def setup(data_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    d1 = make_digits(data_root, root / "test_a", num_utts=5, seed=0)
+    d2 = make_digits(data_root, root / "test_b", num_utts=3, seed=1)
+    model = make_supernet_dir(root / "sup" / "final")  # untrained: hypotheses differ between subnets
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    out = root / "out"
+    argv = ["bench", str(model), "--grid", str(grid), "--data", str(d1), str(d2), "--out", str(out),
+            "--threads", "1", "--latency-repeats", "1", "--latency-utts", "2", "--num-workers", "1"]
+    assert main(argv) == 0
+    return {"model": model, "data": [d1, d2], "grid": grid, "out": out, "root": root}
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_every_output_file(setup):
+    out = setup["out"]
+    for f in FILES:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = _results(out)
+    names = [s["system"] for s in res["systems"]]
+    assert names == ["L4_F48_H4_B32"] + GRID and res["reference"] == "L4_F48_H4_B32"
+    for name in names:
+        for t in ("test_a", "test_b"):
+            d = out / "systems" / name / t
+            assert (d / "hyp.trn").is_file() and (d / "ref.trn").is_file() and (d / "wer.json").is_file()
+    md = (out / "results.md").read_text()
+    assert all(f"| {n} |" in md or f"**{n}**" in md for n in names)
+    report = (out / "report.md").read_text()
+    assert "![WER against packed size](pareto.png)" in report
+    assert f"Lossless compression ratio: {res['lossless_compression_ratio']:.2f}x" in report
+    assert f"allinone bench {setup['model']} --grid {setup['grid']}" in report
+    assert f"torch {torch.__version__}" in report and "Best system per size bracket" in report
+
+
+def test_reference_row_and_significance(setup):
+    out = setup["out"]
+    res = _results(out)
+    refs = {}
+    for row in res["rows"]:
+        if row["reference"]:
+            assert row["p_value"] == 1.0 and not row["significant"] and row["ratio_vs_ref"] == 1.0
+    # p-values and verdicts recomputed from the written hypothesis files
+    from allinone.data.kaldi import read_data_dir
+
+    for t, d in zip(("test_a", "test_b"), setup["data"]):
+        refs = {u.utt_id: u.text for u in read_data_dir(d)}
+        ref_hyps = read_hyps(out / "systems" / "L4_F48_H4_B32" / t)
+        for row in (r for r in res["rows"] if r["data"] == t):
+            m = mapsswe(refs, ref_hyps, read_hyps(out / "systems" / row["system"] / t))
+            assert row["p_value"] == m.p_value and row["statistic"] == m.statistic
+            assert row["worse"] == (m.significant and m.better == "a")
+            w = json.loads((out / "systems" / row["system"] / t / "wer.json").read_text())
+            assert (row["wer"], row["sub"], row["del"], row["ins"]) == (w["wer"], w["sub"], w["del"], w["ins"])
+    # lossless: not worse on every test set; the ratio is the largest such ratio_vs_ref
+    for s in res["systems"]:
+        assert s["lossless"] == all(not s["test_sets"][t]["worse"] for t in ("test_a", "test_b"))
+    best = max(s["ratio_vs_ref"] for s in res["systems"] if s["lossless"])
+    assert res["lossless_compression_ratio"] == best
+
+
+def test_sizes_equal_extracted_files(setup, tmp_path):
+    res = _results(setup["out"])
+    ref_fp32 = res["reference_fp32_bytes"]
+    for s in res["systems"]:
+        path = extract_to_dirs(setup["model"], [s["system"]], tmp_path / s["system"])[0].out_dir
+        report = load_packed(path / PACKED_WEIGHTS).size_report()
+        assert (s["params"], s["packed_bytes"], s["fp32_bytes"]) == (
+            report.total_params, report.packed_bytes, report.fp32_bytes)
+        assert f"packed parameter bytes: {s['packed_bytes']:,}" in describe_packed(path / PACKED_WEIGHTS)
+        assert s["ratio"] == pytest.approx(report.compression_ratio)
+        assert s["ratio_vs_ref"] == pytest.approx(ref_fp32 / report.packed_bytes)
+    # decoding the supernet with the subnet active == decoding the extracted model
+    name = "L2_F24_H2_B2"
+    summary = decode_data_dir(tmp_path / name, setup["data"][0], tmp_path / "dec",
+                              DecodeOptions(num_workers=1))
+    row = next(r for r in res["rows"] if r["system"] == name and r["data"] == "test_a")
+    assert (summary["wer"], summary["sub"], summary["del"], summary["ins"]) == (
+        row["wer"], row["sub"], row["del"], row["ins"])
+    assert read_hyps(tmp_path / "dec") == read_hyps(setup["out"] / "systems" / name / "test_a")
+
+
+def test_csv_equals_json(setup):
+    res = _results(setup["out"])
+    with open(setup["out"] / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == res["row_fields"] and len(rows) == len(res["rows"]) == 4 * 2
+    for c, j in zip(rows, res["rows"]):
+        for k in res["row_fields"]:
+            assert c[k] == csv_value(j.get(k)), k
+            if isinstance(j.get(k), (int, float)) and not isinstance(j[k], bool):
+                assert float(c[k]) == j[k]
+
+
+def test_latency_columns(setup):
+    res = _results(setup["out"])
+    assert "cpu-fp32" in res["backends"] and "cpu-int8" in res["backends"]
+    for s in res["systems"]:
+        lat = s["latency"]
+        assert lat["cpu-fp32"]["ms_per_utt"] > 0 and lat["cpu-fp32"]["rtf"] > 0
+        assert lat["cpu-fp32"]["threads"] == 1 and lat["cpu-fp32"]["utterances"] == 2
+        # the int8 path only where every quantized weight is 8-bit
+        assert ("cpu-int8" in lat) == s["system"].endswith("_B8")
+        assert set(LATENCY_FIELDS) <= set(lat["cpu-fp32"])
+
+
+def test_int8_model_runs_integer_kernels(setup):
+    from allinone.elastic.extract import extract
+    from allinone.quant.int8 import Int8Linear
+
+    loaded = load_model_dir(setup["model"])
+    small, quantized = extract(loaded.model, loaded.model.search_space.parse("L4_F48_H4_B8"))
+    import copy
+
+    m = copy.deepcopy(small)
+    routed = int8_model(m, quantized)
+    assert len(routed) == 4 * 9  # q, k, v, out, pos + two FFNs x (w_1, w_2), per block
+    calls = []
+    hook = [mod.register_forward_hook(lambda *a: calls.append(1)) for mod in m.modules()
+            if isinstance(mod, Int8Linear)]
+    b = tiny_batch()
+    with torch.no_grad():
+        want = small.encode(b["feats"], b["feat_lens"])[0]
+        got = m.encode(b["feats"], b["feat_lens"])[0]
+    assert len(calls) == len(routed)
+    # only the activations are rounded (7-bit dynamic): close, not equal
+    assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
+    for h in hook:
+        h.remove()
+
+
+def test_bad_grid_rejected_before_any_work(setup, tmp_path, monkeypatch, capsys):
+    def no_work(*a, **k):
+        raise AssertionError("work started before the grid was validated")
+
+    monkeypatch.setattr(bench, "load_test_set", no_work)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(["L4_F48_H4_B8", "L3_F48_H4_B8", "L2_F24_H2_B4", "L2_F24_H2_B2"]))
+    out = tmp_path / "out"
+    rc = main(["bench", str(setup["model"]), "--grid", str(bad), "--data", str(setup["data"][0]),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 grid entries are not in the model's search space" in err
+    assert "'L3_F48_H4_B8'" in err and "depth 3 is not in the space" in err
+    assert "'L2_F24_H2_B4'" in err and "bit-width 4 is not in the space" in err
+    assert not out.exists()
+    rc = main(["bench", str(setup["model"]), "--grid", "L4_F48_H4_B8,L4_F64_H4_B8", "--data",
+               str(setup["data"][0]), "--out", str(out), "--reference", "L4_F48_H4_B8"])
+    assert rc == 2 and "F value 64 is not in the space" in capsys.readouterr().err
+    rc = main(["bench", str(setup["model"]), "--grid", "all", "--data", str(setup["data"][0]),
+               "--out", str(out), "--reference", "L4_F48_H3_B32"])
+    assert rc == 2 and "H value 3" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    (out / "systems" / "L2_F24_H2_B2" / "system.json").unlink()  # as if interrupted there
+    done = []
+    real = bench._bench_system
+    monkeypatch.setattr(bench, "_bench_system", lambda name, *a, **k: done.append(name) or real(name, *a, **k))
+    opts = BenchOptions(threads=1, latency_repeats=1, latency_utts=2, num_workers=1)
+    res = run_bench(setup["model"], setup["grid"], setup["data"], out, opts, progress=False)
+    assert done == ["L2_F24_H2_B2"] and res["resumed_systems"] == 3
+    before = _results(setup["out"])
+    for a, b in zip(res["rows"], before["rows"]):
+        assert {k: a[k] for k in ("system", "data", "wer", "p_value", "packed_bytes")} == \
+               {k: b[k] for k in ("system", "data", "wer", "p_value", "packed_bytes")}
+    # other settings (here: the beam) invalidate saved systems
+    done.clear()
+    opts.beam, opts.latency = 2, False
+    run_bench(setup["model"], ["L2_F24_H2_B2"], setup["data"][:1], out, opts, progress=False)
+    assert done == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
+
+
+def test_resolve_grid_forms(tmp_path):
+    from allinone.elastic.space import SearchSpace
+
+    space = SearchSpace(**SMALL_SPACE)
+    assert len(resolve_grid("all", space)) == 24
+    assert [space.format(s) for s in resolve_grid("L4_F48_H4_B8, L2_F24_H2_B2", space)] == \
+           ["L4_F48_H4_B8", "L2_F24_H2_B2"]
+    choices = tmp_path / "choices.yaml"
+    choices.write_text(yaml.safe_dump({"depth": [2], "bits": [8, 2]}))
+    assert len(resolve_grid(choices, space)) == 1 * 2 * 2 * 2
+    with pytest.raises(ValueError, match="grid file not found"):
+        resolve_grid(tmp_path / "missing.yaml", space)
+
+
+def test_pareto_front():
+    pts = [("a", 10, 5.0), ("b", 5, 6.0), ("c", 6, 7.0), ("d", 2, 9.0), ("e", 10, 4.0)]
+    assert pareto_front(pts) == ["d", "b", "e"]

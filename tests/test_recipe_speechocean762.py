@@ -1,0 +1,126 @@
+"""egs/speechocean762/asr1/run.sh end to end on CPU (tiny configs, a slice of the shipped corpus),
+its input checks, the no-op rerun, and the authors' original corpus layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from allinone.data.audio import load_audio
+from allinone.data.kaldi import read_data_dir
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "egs" / "speechocean762" / "asr1" / "run.sh"
+TINY = ["--config", "conf/train_tiny.yaml", "--supernet_config", "conf/train_supernet_tiny.yaml",
+        "--grid", "conf/grid_tiny.yaml", "--beam", "1", "--nj", "1", "--device", "cpu",
+        "--python", sys.executable, "--min_free_gb", "0"]
+
+
+def run(args, tmp, timeout=300):
+    dirs = ["--datadir", str(tmp / "data"), "--expdir", str(tmp / "exp"), "--dumpdir", str(tmp / "dump")]
+    return subprocess.run(["bash", str(RUN), *TINY, *dirs, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_end_to_end_and_noop_rerun(data_root, tmp_path):
+    corpus = data_root / "speechocean762"
+    r = run(["--corpus_root", corpus, "--subset", 12, "--stop_stage", 6], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for split, n in (("train", 12), ("dev", 12), ("test", 12)):
+        assert len(read_data_dir(tmp_path / "data" / split)) == n
+    asr, sup = tmp_path / "exp" / "asr_train_tiny", tmp_path / "exp" / "supernet_train_supernet_tiny"
+    assert (asr / "final" / "config.json").is_file() and (asr / "tokenizer").is_dir()
+    assert json.loads((sup / "final" / "config.json").read_text())["search_space"]["depth"] == [2, 1]
+    systems = sorted(p.name for p in (sup / "extracted").iterdir() if p.is_dir())
+    assert systems == ["L1_F32_H2_B4", "L2_F64_H2_B32", "L2_F64_H2_B8"]
+    for s in ("dev", "test"):
+        assert json.loads((asr / "decode_beam1" / s / "wer.json").read_text())["sentences"] == 12
+        for name in systems:
+            assert (sup / "decode_beam1" / name / s / "wer.json").is_file()
+    results = (tmp_path / "exp" / "RESULTS.md").read_text()
+    assert "|L1_F32_H2_B4/test|12|" in results
+    for log in ("stage2_features.log", "stage3_train.log"):
+        assert (asr / "log" / log).is_file()
+    assert (sup / "log" / "stage4_train.log").is_file() and (tmp_path / "data" / "log" / "stage1_data.log").is_file()
+    assert f"float model: {asr}/final" in r.stdout
+
+    # A second run of the finished stages does nothing: no retraining, nothing rewritten.
+    mtime = (asr / "final" / "model.safetensors").stat().st_mtime_ns
+    again = run(["--corpus_root", corpus, "--subset", 12, "--stop_stage", 6], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already done") >= 5 and "already decoded" in again.stdout
+    assert "epoch 1" not in again.stdout + again.stderr
+    assert (asr / "final" / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # Other data options than the stamp's are refused rather than silently reused.
+    other = run(["--corpus_root", corpus, "--subset", 5, "--stop_stage", 1], tmp_path)
+    assert other.returncode != 0 and "was made with other options" in other.stderr
+
+
+def test_missing_corpus_root(tmp_path):
+    r = run(["--corpus_root", tmp_path / "nowhere", "--stop_stage", 1], tmp_path)
+    assert r.returncode != 0
+    assert f"speechocean762 corpus root not found: {tmp_path / 'nowhere'} is not a directory" in r.stderr
+
+
+def test_missing_transcript_file(data_root, tmp_path):
+    corpus = tmp_path / "so762"
+    for split in ("train", "dev", "test"):
+        (corpus / split).mkdir(parents=True)
+        (corpus / split / "wav.scp").write_text((data_root / "speechocean762" / split / "wav.scp").read_text())
+        if split != "dev":
+            (corpus / split / "text").write_text((data_root / "speechocean762" / split / "text").read_text())
+    r = run(["--corpus_root", corpus, "--stop_stage", 1], tmp_path)
+    assert r.returncode != 0
+    assert f"speechocean762 dev list not found: {corpus / 'dev' / 'text'} is missing" in r.stderr
+
+
+def test_later_stage_without_data_says_what_to_run(tmp_path):
+    r = run(["--stage", 3, "--stop_stage", 3], tmp_path)
+    assert r.returncode != 0 and "run stage 1 first" in r.stderr
+
+
+def _original_layout(data_root: Path, root: Path) -> dict[str, list[str]]:
+    """A miniature of the authors' release: WAVE/SPEAKERnnnn/*.WAV (16-bit PCM) and Kaldi train/ test/."""
+    shipped = data_root / "speechocean762"
+    picks = {"train": ("train", "0001", 2), "test": ("dev", "0093", 2)}
+    halves: dict[str, list] = {"train": [], "test": []}
+    for half, (split, speaker, n) in picks.items():
+        halves[half] += [u for u in read_data_dir(shipped / split) if u.speaker == speaker][:n]
+    halves["test"] += [u for u in read_data_dir(shipped / "test") if u.speaker == "0003"][:2]
+    halves["test"] += [u for u in read_data_dir(shipped / "train") if u.speaker == "0005"][:1]  # unused speaker
+    for half, utts in halves.items():
+        (root / half).mkdir(parents=True)
+        with open(root / half / "text", "w") as t, open(root / half / "utt2spk", "w") as s, \
+                open(root / half / "wav.scp", "w") as w:
+            for u in utts:
+                wav = root / "WAVE" / f"SPEAKER{u.speaker}" / f"{u.utt_id}.WAV"
+                wav.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(wav, np.clip(load_audio(u.path).numpy(), -1, 1), 16000, subtype="PCM_16", format="WAV")
+                t.write(f"{u.utt_id}\t{u.text}\n")
+                s.write(f"{u.utt_id}\t{u.speaker}\n")
+                w.write(f"{u.utt_id}\tWAVE/SPEAKER{u.speaker}/{u.utt_id}.WAV\n")
+    return {h: [u.utt_id for u in us] for h, us in halves.items()}
+
+
+def test_original_layout_gives_the_shipped_splits(data_root, tmp_path):
+    ids = _original_layout(data_root, tmp_path / "release")
+    r = run(["--corpus_root", tmp_path / "release", "--corpus_layout", "original", "--stop_stage", 1], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = {s: [u.utt_id for u in read_data_dir(tmp_path / "data" / s)] for s in ("train", "dev", "test")}
+    assert got["train"] == ids["train"]
+    assert got["dev"] == ids["test"][:2] and got["test"] == ids["test"][2:4]  # speaker 0005 is in no split
+    assert read_data_dir(tmp_path / "data" / "dev")[0].path.endswith(".WAV")
+
+    # Same layout without its audio folder: the check names what is missing.
+    (tmp_path / "release" / "WAVE").rename(tmp_path / "release" / "elsewhere")
+    r = run(["--corpus_root", tmp_path / "release", "--corpus_layout", "original", "--stop_stage", 1],
+            tmp_path / "second")
+    assert r.returncode != 0 and "speechocean762 audio folder not found" in r.stderr
