@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 # Reinstall only when the package metadata changes; a second run reuses the venv.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
