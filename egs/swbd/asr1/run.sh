@@ -36,6 +36,7 @@ min_free_gb=60             # features of 300 h x 3 speeds
 python=../../../.venv/bin/python
 . ../../utils/parse_options.sh
 . ../../utils/stage.sh
+. ../../utils/asr_stages.sh
 . ../../utils/decode.sh
 
 [ -x "$python" ] || python=$(command -v python3)
@@ -76,25 +77,11 @@ check_data() {
 }
 
 if run_stage 2 "tokenizer and features (config $config, speed perturbation $sp_list)"; then
-  if ! is_done "$asr_exp/.stage2.done" "sp=$sp_list"; then
-    check_data
-    require_disk "$dumpdir" "$min_free_gb"
-    run_logged "$asr_exp/log/stage2_features.log" "$python" ../../utils/prepare_features.py "$config" exp_dir="$asr_exp" $common $train_opts
-    mark_done "$asr_exp/.stage2.done" "sp=$sp_list"
-  fi
-  echo "tokenizer: $asr_exp/tokenizer; features: $dumpdir/feats; statistics: $asr_exp/feats_stats.npz"
+  features_stage "sp=$sp_list"
 fi
 
 if run_stage 3 "float baseline training ($config -> $asr_exp)"; then
-  if [ -f "$asr_exp/final/config.json" ]; then
-    echo "already done ($asr_exp/final exists; delete it and $asr_exp/checkpoint.pt to retrain)"
-  else
-    check_data
-    require_disk "$expdir" 2
-    resume=""; [ -f "$asr_exp/checkpoint.pt" ] && { resume=--resume; echo "resuming from $asr_exp/checkpoint.pt"; }
-    run_logged "$asr_exp/log/stage3_train.log" "$python" -m allinone.cli train "$config" exp_dir="$asr_exp" $common $train_opts $resume
-  fi
-  echo "float model: $asr_exp/final (training log: $asr_exp/train.log)"
+  train_float_stage
 fi
 
 if run_stage 4 "decode and score ($test_sets)"; then
