@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,3 +16,14 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"shipped data not found at {root} (set ALLINONE_DATA)")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (opt in with ``pytest.mark.usefixtures``): tiny models
+    are fastest so, and two threads per xdist worker on a busy 2-core machine can be 100x
+    slower (OpenMP threads waiting on each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,14 +24,7 @@ from allinone.train.strategies import FixedSubnetStrategy, MixedPrecisionStrateg
 from supernet_helpers import tiny_batch, tiny_space, tiny_supernet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and two per xdist worker on a busy 2-core machine
-    can be 100x slower (OpenMP threads waiting on each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def searchable(seed: int = 0, blocks: int = 4, **kw) -> tuple[torch.nn.Module, MixedPrecisionStrategy]:

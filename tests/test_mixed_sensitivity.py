@@ -19,14 +19,7 @@ from allinone.quant.sensitivity import hessian_sensitivity, hutchinson_traces, k
 from supernet_helpers import tiny_batch, tiny_space, tiny_supernet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and two per xdist worker on a busy 2-core machine
-    can be 100x slower (OpenMP threads waiting on each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hutchinson_traces_of_a_quadratic():
