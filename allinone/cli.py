@@ -99,6 +99,14 @@ def cmd_import_espnet(args) -> None:
     print(f"imported {args.exp_dir} -> {args.out}")
 
 
+def cmd_export_espnet(args) -> None:
+    from allinone.interop.espnet import export_espnet_asr
+
+    out = export_espnet_asr(args.model, args.out, subnet=args.subnet)
+    what = f"subnet {args.subnet} of {args.model}" if args.subnet else str(args.model)
+    print(f"exported {what} -> {out} (config.yaml, valid.acc.ave.pth)")
+
+
 def cmd_extract(args) -> None:
     from pathlib import Path
 
@@ -218,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="a .pth inside exp_dir (default: the averaged one)")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_import_espnet)
+
+    ee = sub.add_parser("export-espnet", help="write a float model or float subnet as an ESPnet2 ASR experiment")
+    ee.add_argument("model", help="model directory (a float model, a supernet, or an extracted float subnet)")
+    ee.add_argument("--out", required=True, help="ESPnet experiment directory to write")
+    ee.add_argument("--subnet", default=None, help="float, uniform-width subnet of a supernet (e.g. L6_F1024_H4_B32)")
+    ee.set_defaults(func=cmd_export_espnet)
 
     x = sub.add_parser("extract", help="extract subnets of a supernet as standalone packed models")
     x.add_argument("model", help="supernet model directory (exp/.../final)")

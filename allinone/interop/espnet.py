@@ -27,6 +27,8 @@ from allinone.models.conformer import ConformerConfig
 __all__ = [
     "load_espnet_asr",
     "espnet_to_config",
+    "export_espnet_asr",
+    "EXPORT_CHECKPOINT",
     "find_checkpoint",
     "ESPNET_CONFORMER_DEFAULTS",
     "CONFIG_NAME",
@@ -34,6 +36,9 @@ __all__ = [
 
 CONFIG_NAME = "config.yaml"
 PREFERRED_CHECKPOINTS = ("valid.acc.ave.pth", "valid.acc.best.pth")
+EXPORT_CHECKPOINT = PREFERRED_CHECKPOINTS[0]
+EXPORT_STATS = "feats_stats.npz"
+EXPORT_BPEMODEL = "bpe.model"
 
 # espnet2.asr.encoder.conformer_encoder.ConformerEncoder defaults (espnet 202511),
 # for the arguments our ConformerConfig has.
@@ -354,3 +359,180 @@ def load_espnet_asr(
     model.eval()
     info.update(config=config, checkpoint=str(ckpt), ignored_keys=ignored)
     return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: allinone model (or a float subnet of a supernet) -> ESPnet2 experiment directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _export_source(model_dir_or_model, tokenizer, fbank):
+    """(model, tokenizer, fbank, packed_quantized_names) from a model dir, LoadedModel or ASRModel."""
+    from allinone.models.saved import LoadedModel, PACKED_WEIGHTS, load_model_dir
+
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        model_dir = Path(model_dir_or_model)
+        loaded = load_model_dir(model_dir)
+        packed = model_dir / PACKED_WEIGHTS
+        quantized = []
+        if packed.is_file():
+            from allinone.quant.packed_file import load_packed
+
+            quantized = sorted(load_packed(packed).quantized)
+        return loaded.model, loaded.tokenizer, loaded.fbank, quantized
+    if isinstance(model_dir_or_model, LoadedModel):
+        m = model_dir_or_model
+        return m.model, tokenizer or m.tokenizer, fbank or m.fbank, []
+    if isinstance(model_dir_or_model, ASRModel):
+        if tokenizer is None:
+            raise ValueError("export_espnet_asr: a bare ASRModel needs tokenizer=... (its token_list)")
+        if fbank is None:
+            from allinone.data.features import FbankConfig
+
+            fbank = FbankConfig(n_mels=model_dir_or_model.config.encoder.input_size)
+        return model_dir_or_model, tokenizer, fbank, []
+    raise ValueError(f"export_espnet_asr: expected a model directory, LoadedModel or ASRModel, "
+                     f"got {type(model_dir_or_model).__name__}")
+
+
+def _export_subnet(model: ASRModel, subnet):
+    """The float standalone model of ``subnet`` (a string needs the model's search space)."""
+    from allinone.elastic.extract import extract
+    from allinone.elastic.subnet import FLOAT_BITS, KINDS, SubnetConfig
+
+    if isinstance(subnet, str):
+        if model.search_space is None:
+            raise ValueError("a subnet string needs the supernet's search space; this model has none "
+                             "(pass a SubnetConfig instead)")
+        name, subnet = subnet, model.search_space.parse(subnet)
+    elif isinstance(subnet, SubnetConfig):
+        name = model.search_space.format(subnet) if model.search_space is not None else str(subnet)
+    else:
+        raise ValueError(f"subnet must be a string or SubnetConfig, got {type(subnet).__name__}")
+    low = sorted({c.bits(k) for c in subnet.layers for k in KINDS if c.bits(k) != FLOAT_BITS})
+    if low:
+        raise ValueError(f"subnet {name} is quantized ({'/'.join(map(str, low))}-bit weights); ESPnet has no "
+                         f"low-bit weights, so only float subnets (bits {FLOAT_BITS}) can be exported")
+    small, quantized = extract(model, subnet)
+    assert not quantized  # float subnet
+    return small
+
+
+def _stats_from_buffers(mean: torch.Tensor, std: torch.Tensor) -> dict:
+    """feats_stats.npz contents (count 1) from which ESPnet's GlobalMVN recomputes mean and std."""
+    import numpy as np
+
+    m = mean.detach().double().cpu().numpy()
+    s = std.detach().double().cpu().numpy()
+    return {"count": np.asarray(1, dtype=np.int64), "sum": m, "sum_square": s * s + m * m}
+
+
+def export_espnet_asr(
+    model_dir_or_model,
+    out_dir: str | os.PathLike,
+    subnet=None,
+    *,
+    tokenizer=None,
+    fbank=None,
+) -> Path:
+    """Write an allinone model as an ESPnet2 ASR experiment directory.
+
+    ``out_dir`` gets ``config.yaml`` (what ESPnet's ``ASRTask`` / ``Speech2Text`` read),
+    ``valid.acc.ave.pth`` (a state dict with ESPnet's keys: ours, the front end's mel
+    matrix added, quantizer entries dropped), ``feats_stats.npz`` (ESPnet's
+    ``global_mvn`` stats, reproducing our normalisation buffers; only with
+    normalisation) and, for a SentencePiece tokenizer, ``bpe.model``.  The config names
+    those files by absolute path (ESPnet resolves them against the cwd).  Every file is
+    written atomically, ``config.yaml`` last.
+
+    Args:
+        model_dir_or_model: an allinone model directory, a ``LoadedModel``, or an
+            ``ASRModel`` (then ``tokenizer`` is required; ``fbank`` defaults to
+            ``FbankConfig`` with the encoder's ``input_size`` mel bins).
+        out_dir: the experiment directory to write.
+        subnet: a float subnet of a supernet (string in the model's search space, or a
+            ``SubnetConfig``); None = the model itself (a supernet's full float network).
+    Raises:
+        ValueError: quantized weights (a subnet with bits < 32, or a packed model with
+            low-bit tensors), per-block widths or a reduced head width (ESPnet's
+            ``ConformerEncoder`` is uniform, head width ``output_size / heads``), a
+            front end ESPnet's ``DefaultFrontend`` cannot express.
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    from allinone.data.features import mel_filterbank, save_cmvn_stats
+    from allinone.utils import atomic_open, atomic_torch_save
+
+    model, tokenizer, fbank, packed_quantized = _export_source(model_dir_or_model, tokenizer, fbank)
+    if packed_quantized:
+        raise ValueError(f"the model holds quantized weights ({packed_quantized[0]}, ...); ESPnet has no low-bit "
+                         "weights, so only float models can be exported")
+    if subnet is not None:
+        model = _export_subnet(model, subnet)
+    config = model.config
+    try:
+        encoder_conf = config.encoder.espnet_kwargs()
+    except ValueError as e:
+        raise ValueError(f"this model cannot be expressed as ESPnet's ConformerEncoder: {e}") from None
+    input_size = encoder_conf.pop("input_size")  # ASRTask passes the front end's output size itself
+    if fbank.n_mels != input_size:
+        raise ValueError(f"front end has n_mels={fbank.n_mels} but the encoder expects input_size={input_size}")
+    token_list = list(tokenizer.token_list)
+    if len(token_list) != config.vocab_size:
+        raise ValueError(f"tokenizer has {len(token_list)} tokens, the model {config.vocab_size}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frontend_conf = {"fs": int(fbank.sample_rate), "n_fft": int(fbank.n_fft), "win_length": int(fbank.win_length),
+                     "hop_length": int(fbank.hop_length), "n_mels": int(fbank.n_mels)}
+    if fbank.fmin not in (None, 0, 0.0):
+        frontend_conf["fmin"] = float(fbank.fmin)
+    if fbank.fmax is not None:
+        frontend_conf["fmax"] = float(fbank.fmax)
+
+    if tokenizer.kind == "char":
+        token_type, bpemodel = "char", None
+    elif tokenizer.kind == "sentencepiece":
+        token_type, bpemodel = "bpe", (out_dir / EXPORT_BPEMODEL).resolve()
+        with atomic_open(bpemodel, "wb") as f:
+            f.write(tokenizer.model_proto)
+    else:
+        raise ValueError(f"tokenizer kind {tokenizer.kind!r} has no ESPnet token_type")
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".quantizer." not in k
+             and not k.endswith(".quantizer")}
+    normalize_conf = None
+    if model.normalize is not None:
+        stats_path = (out_dir / EXPORT_STATS).resolve()
+        save_cmvn_stats(stats_path, _stats_from_buffers(model.normalize.mean, model.normalize.std))
+        normalize_conf = {"stats_file": str(stats_path)}
+    # ESPnet's checkpoints carry the front end's mel matrix (a buffer, [n_fft/2+1, n_mels]).
+    state = {"frontend.logmel.melmat": mel_filterbank(fbank), **state}
+
+    cfg = {
+        "token_list": token_list,
+        "token_type": token_type,
+        "bpemodel": str(bpemodel) if bpemodel is not None else None,
+        "non_linguistic_symbols": None, "cleaner": None, "g2p": None,
+        "input_size": None,
+        "init": None,
+        "frontend": "default",
+        "frontend_conf": frontend_conf,
+        "specaug": None, "specaug_conf": {},
+        "normalize": "global_mvn" if normalize_conf is not None else None,
+        "normalize_conf": normalize_conf or {},
+        "preencoder": None, "preencoder_conf": {},
+        "encoder": "conformer",
+        "encoder_conf": encoder_conf,
+        "postencoder": None, "postencoder_conf": {},
+        "decoder": "transformer" if config.decoder is not None else None,
+        "decoder_conf": dict(config.decoder or {}),
+        "ctc_conf": {},
+        "model": "espnet",
+        "model_conf": {"ctc_weight": float(config.ctc_weight), "lsm_weight": float(config.lsm_weight),
+                       "length_normalized_loss": False},
+    }
+    atomic_torch_save(state, out_dir / EXPORT_CHECKPOINT)
+    with atomic_open(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, allow_unicode=True)
+    return out_dir
