@@ -6,22 +6,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
-from tests.test_train import TINY_MODEL
-
-
-@pytest.fixture(scope="module")
-def digits(data_root, tmp_path_factory):
-    from allinone.data.corpora import fsdd_connected_digits
-
-    out = tmp_path_factory.mktemp("ddp_digits")
-    fsdd_connected_digits(data_root / "fsdd", out / "train", split="train", num_utts=16, min_digits=1,
-                          max_digits=2, seed=0)
-    fsdd_connected_digits(data_root / "fsdd", out / "test", split="test", num_utts=6, min_digits=1,
-                          max_digits=2, seed=1)
-    return out
+from tests.test_train import TINY_MODEL, digits  # noqa: F401  (the shared digits fixture)
 
 
 def run(args, env_extra=None):
