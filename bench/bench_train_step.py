@@ -1,8 +1,13 @@
 """Training-step cost: our Conformer vs ESPnet's, and the supernet's overhead (issue 9).
 
-Switchboard-size encoder (12 x 256, 4 heads, FFN 2048, kernel 31) + CTC over 2000 units,
-a batch of 32 utterances of 10 s (1000 fbank frames), bf16 autocast, AdamW. Every row is
-measured in the same process on the same device; median of --repeats steps after --warmup.
+Presets (--preset): ``swbd`` = the issue's Switchboard-size encoder (12 x 256, 4 heads,
+FFN 2048, kernel 31) + CTC over 2003 units, 32 utterances of 10 s (1000 fbank frames);
+``so762`` = the speechocean762 baseline's encoder (12 x 176, FFN 704, kernel 15) + CTC over
+300 units, 28 utterances of 4.5 s; ``tiny`` = a CPU smoke test. bf16 autocast on CUDA,
+AdamW. Every row is measured in the same process on the same device; median of --repeats
+steps after --warmup. Per row: peak GPU memory of that step and model FLOPs utilisation
+(FLOPs of one step counted by torch.utils.flop_counter, over the GPU's dense bf16 peak,
+--peak-tflops, 989 for an H100/H200 SXM).
 
 Rows:
   espnet eager / compiled   ESPnet's ConformerEncoder + a CTC head
@@ -11,8 +16,8 @@ Rows:
   supernet 4-bit            the largest width/depth at 4 bits (fake quantization)
   sandwich (n subnets)      one SupernetStrategy step, against the sum of its single steps
 
-Run on a GPU:   python bench/bench_train_step.py --device cuda
-Smoke test:     python bench/bench_train_step.py --tiny --device cpu
+Run on a GPU:   python bench/bench_train_step.py --device cuda --compile [--preset so762]
+Smoke test:     python bench/bench_train_step.py --preset tiny --device cpu
 """
 
 from __future__ import annotations
@@ -28,10 +33,33 @@ from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 
 
+PRESETS = {  # encoder kwargs, batch, frames, vocab
+    "swbd": (dict(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31),
+             32, 1000, 2003),
+    "so762": (dict(output_size=176, attention_heads=4, linear_units=704, num_blocks=12, cnn_module_kernel=15),
+              28, 450, 300),
+    "tiny": (dict(output_size=64, attention_heads=4, linear_units=256, num_blocks=2, cnn_module_kernel=7),
+             4, 200, 50),
+}
+
+
+def step_flops(step) -> int:
+    """FLOPs of one call of ``step`` (forward + backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
 def timed(step, warmup: int, repeats: int, device: str) -> float:
-    """Median milliseconds of ``step()``."""
+    """Median milliseconds of ``step()``; the peak memory of the timed steps is left in torch.cuda."""
     for _ in range(warmup):
         step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -61,7 +89,9 @@ def make_step(forward, params, device: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="small shapes for a CPU smoke test")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="swbd")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
@@ -69,18 +99,19 @@ def main() -> None:
     dev = args.device
     torch.manual_seed(0)
 
-    if args.tiny:
-        enc = ConformerConfig(output_size=64, attention_heads=4, linear_units=256, num_blocks=2, cnn_module_kernel=7)
-        batch, frames, vocab = 4, 200, 50
-    else:
-        enc = ConformerConfig(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31)
-        batch, frames, vocab = 32, 1000, 2003
+    enc_kwargs, batch, frames, vocab = PRESETS["tiny" if args.tiny else args.preset]
+    enc = ConformerConfig(**enc_kwargs)
     feats = torch.randn(batch, frames, enc.input_size, device=dev)
     lens = torch.full((batch,), frames, dtype=torch.long, device=dev)
     tokens = torch.randint(1, vocab - 1, (batch, frames // 40), device=dev)
     tok_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=dev)
 
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, float]] = []  # (name, ms, peak GiB)
+
+    def add(name: str, step) -> None:
+        ms = timed(step, args.warmup, args.repeats, dev)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+        rows.append((name, ms, mem))
 
     # ESPnet's encoder + CTC, the reference.
     from espnet2.asr.ctc import CTC
@@ -94,19 +125,19 @@ def main() -> None:
         return esp_ctc(h, hl, tokens, tok_lens)
 
     params = list(esp_enc.parameters()) + list(esp_ctc.parameters())
-    rows.append(("espnet eager", timed(make_step(espnet_forward, params, dev), args.warmup, args.repeats, dev)))
+    add("espnet eager", make_step(espnet_forward, params, dev))
     if args.compile:
         compiled = torch.compile(esp_enc)
-        rows.append(("espnet compiled", timed(make_step(lambda: espnet_forward(compiled), params, dev),
-                                              args.warmup, args.repeats, dev)))
+        add("espnet compiled", make_step(lambda: espnet_forward(compiled), params, dev))
 
     plain = ASRModel(ASRModelConfig(encoder=enc, vocab_size=vocab)).to(dev)
-    rows.append(("ours eager", timed(make_step(lambda: plain(feats, lens, tokens, tok_lens)["loss"],
-                                               plain.parameters(), dev), args.warmup, args.repeats, dev)))
+    plain_step = make_step(lambda: plain(feats, lens, tokens, tok_lens)["loss"], plain.parameters(), dev)
+    add("ours eager", plain_step)
+    flops = step_flops(plain_step)
     if args.compile:
         compiled_plain = torch.compile(plain)
-        rows.append(("ours compiled", timed(make_step(lambda: compiled_plain(feats, lens, tokens, tok_lens)["loss"],
-                                                      plain.parameters(), dev), args.warmup, args.repeats, dev)))
+        add("ours compiled", make_step(lambda: compiled_plain(feats, lens, tokens, tok_lens)["loss"],
+                                       plain.parameters(), dev))
 
     from allinone.elastic.supernet import init_supernet
 
@@ -119,8 +150,8 @@ def main() -> None:
     b4 = space.parse(space.format(largest).rsplit("_B", 1)[0] + "_B4")
     for name, subnet in (("supernet largest float", None), ("supernet largest 4-bit", b4),
                          ("supernet smallest", smallest)):
-        rows.append((name, timed(make_step(lambda s=subnet: sup(feats, lens, tokens, tok_lens, subnet=s)["loss"],
-                                           sup.parameters(), dev), args.warmup, args.repeats, dev)))
+        add(name, make_step(lambda s=subnet: sup(feats, lens, tokens, tok_lens, subnet=s)["loss"],
+                            sup.parameters(), dev))
 
     from allinone.train.strategies import build_strategy
 
@@ -133,19 +164,25 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rows.append(("sandwich (largest + smallest + 1 random)",
-                 timed(sandwich_step, args.warmup, args.repeats, dev)))
+    add("sandwich (largest + smallest + 1 random)", sandwich_step)
 
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; batch {batch} x {frames} frames; "
-          f"encoder {enc.num_blocks} x {enc.output_size}, FFN {enc.linear_units}; vocab {vocab}\n")
-    base = dict(rows)["ours eager"]
-    print("| step | ms | vs ours eager | utterances/s |")
-    print("|---|---:|---:|---:|")
-    for row, ms in rows:
-        print(f"| {row} | {ms:.1f} | {ms / base:.2f}x | {1000 * batch / ms:.0f} |")
-    if dev == "cuda":
-        print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}: batch {batch} x {frames} frames; "
+          f"encoder {enc.num_blocks} x {enc.output_size}, FFN {enc.linear_units}; vocab {vocab}; "
+          f"{flops / 1e9:.0f} GFLOP per plain step\n")
+    ms_of = {row: ms for row, ms, _ in rows}
+    base = ms_of["ours eager"]
+    print("| step | ms | vs ours eager | utterances/s | peak GiB | MFU (plain-step FLOPs) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row, ms, mem in rows:
+        mfu = flops / (ms / 1000) / (args.peak_tflops * 1e12)
+        print(f"| {row} | {ms:.1f} | {ms / base:.2f}x | {1000 * batch / ms:.0f} | {mem:.2f} | {100 * mfu:.1f}% |")
+    # The sandwich's random subnet changes every step; its expected cost is taken as the mean
+    # of the largest and smallest steps.
+    single = ms_of["supernet largest float"] + ms_of["supernet smallest"]
+    single += 0.5 * single
+    print(f"\nsandwich {ms_of['sandwich (largest + smallest + 1 random)']:.1f} ms vs sum of its single "
+          f"steps {single:.1f} ms (largest + smallest + their mean for the random one)")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_allinone_logger():
+    """Undo what ``setup_logging`` does to the "allinone" logger inside a test (file handlers,
+    ``propagate = False``), so later tests in the same process still see records in caplog."""
+    import logging
+
+    logger = logging.getLogger("allinone")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for h in logger.handlers:
+        if h not in handlers:
+            h.close()
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level

@@ -225,3 +225,37 @@ def test_resolve_grid_forms(tmp_path):
 def test_pareto_front():
     pts = [("a", 10, 5.0), ("b", 5, 6.0), ("c", 6, 7.0), ("d", 2, 9.0), ("e", 10, 4.0)]
     assert pareto_front(pts) == ["d", "b", "e"]
+
+
+def test_backend_list_and_unknown_backend(setup):
+    from allinone.eval.latency import BACKENDS, backends_for, measure_latency
+
+    cpu_only = not torch.cuda.is_available()
+    assert backends_for({"w": 8}) == ["cpu-fp32", "cpu-int8"] + ([] if cpu_only else
+                                                                   ["cuda-fp32", "cuda-bf16", "cuda-int8"])
+    assert backends_for({"w": 8, "v": 4})[:1] == ["cpu-fp32"] and "cpu-int8" not in backends_for({"v": 4})
+    assert set(backends_for({"w": 8})) <= set(BACKENDS)
+    loaded = load_model_dir(setup["model"])
+    with pytest.raises(ValueError, match="unknown latency backend 'tpu-int4'"):
+        measure_latency(loaded.model, {}, [tiny_batch()["feats"][0]], "tpu-int4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_backends_agree_with_cpu(setup):
+    """cuda-int8 routes every 8-bit Linear to torch._int_mm and stays close to the float model."""
+    from allinone.elastic.extract import extract
+    from allinone.eval.latency import _backend_model, measure_latency
+    from allinone.quant.int8 import Int8Linear
+
+    loaded = load_model_dir(setup["model"])
+    small, quantized = extract(loaded.model, loaded.model.search_space.parse("L4_F48_H4_B8"))
+    m = _backend_model(small, "cuda-int8", quantized)
+    assert sum(isinstance(x, Int8Linear) for x in m.modules()) == 4 * 9
+    b = tiny_batch()
+    with torch.no_grad():
+        want = small.encode(b["feats"], b["feat_lens"])[0]
+        got = m.encode(b["feats"].cuda(), b["feat_lens"].cuda())[0].cpu()
+    assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
+    for backend in ("cuda-fp32", "cuda-bf16", "cuda-int8"):
+        r = measure_latency(small, quantized, [b["feats"][0]], backend, repeats=1)
+        assert r.ms_per_utt > 0 and r.threads is None and r.peak_mem_mb > 0

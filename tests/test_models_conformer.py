@@ -275,3 +275,31 @@ def test_asr_config_roundtrip_and_errors():
         ASRModelConfig.from_dict({**d, "encoder": {**d["encoder"], "concat_after": False}})
     with pytest.raises(ValueError, match="normalize=False"):
         ASRModel(ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, normalize=False)).set_normalize_stats({})
+
+
+@pytest.mark.parametrize("ctc_weight", [1.0, 0.3])
+def test_asr_train_mode_gradients_match_espnet(tmp_path, ctc_weight):
+    """Training mode (BatchNorm on batch statistics, dropout off): same loss and same
+    gradient for every parameter as ESPnetASRModel, so a training run of ours is one of ESPnet's."""
+    stats = write_stats(tmp_path / "feats_stats.npz")
+    enc = tiny(dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0)
+    dec = {**DECODER, "dropout_rate": 0.0, "positional_dropout_rate": 0.0}
+    cfg = ASRModelConfig(encoder=enc, vocab_size=VOCAB, ctc_weight=ctc_weight,
+                         decoder=dec if ctc_weight < 1.0 else None, lsm_weight=0.1)
+    torch.manual_seed(0)
+    ref = espnet_asr_model(cfg, stats).train()
+    ours = ASRModel(cfg).train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+
+    feats, feat_lens, tokens, token_lens = batch(seed=3)
+    loss_ref = ref(feats.clone(), feat_lens, tokens.clone(), token_lens)[0]
+    loss = ours(feats, feat_lens, tokens, token_lens)["loss"]
+    assert abs(loss.item() - loss_ref.item()) <= 1e-4
+    loss_ref.backward()
+    loss.backward()
+    grads_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        g_ref = grads_ref[name].grad
+        assert p.grad is not None and g_ref is not None, name
+        scale = g_ref.abs().max().item() + 1e-8
+        assert (p.grad - g_ref).abs().max().item() <= 1e-4 * max(1.0, scale), name

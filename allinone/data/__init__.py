@@ -6,6 +6,7 @@ from allinone.data.dataset import (
     ASRDataset,
     BucketBatchSampler,
     FeatureDict,
+    WaveformConfig,
     collate,
     extract_features,
     speed_perturb_utts,
@@ -31,7 +32,7 @@ from allinone.data.tokenizer import (
 
 __all__ = [
     "ASRDataset", "BucketBatchSampler", "CharTokenizer", "DataError", "FbankConfig", "FeatureDict",
-    "SentencePieceTokenizer", "SpecAugment", "Tokenizer", "Utterance", "UtteranceList", "audio_info",
+    "SentencePieceTokenizer", "SpecAugment", "Tokenizer", "Utterance", "UtteranceList", "WaveformConfig", "audio_info",
     "collate", "compute_cmvn_stats", "compute_fbank", "compute_fbank_batch", "extract_features",
     "fsdd_connected_digits", "librispeech_to_data_dir", "load_audio", "load_cmvn_stats", "load_tokenizer",
     "mel_filterbank", "parse_wav_entry", "read_data_dir", "save_cmvn_stats", "speed_perturb",

@@ -1,9 +1,10 @@
 """Extraction: supernet + subnet -> a standalone model (a pure function) and its files.
 
-The extracted model is a plain ``ASRModel`` of another config (fewer blocks, per-block
-``layer_linear_units`` / ``layer_attention_heads``, ``head_dim``), so it loads without
-the supernet.  Every tensor is the leading slice of the supernet tensor it comes from
-(first rows / columns: the same views the supernet computes with); blocks are renumbered.
+The extracted model is a plain model of the supernet's class, ``ASRModel`` or
+``Wav2Vec2CTCModel``, of another config (fewer blocks, per-block FFN units / heads, the
+supernet's head width), so it loads without the supernet.  Every tensor is the leading
+slice of the supernet tensor it comes from (first rows / columns: the same views the
+supernet computes with); blocks are renumbered.
 Quantized weights are the codes and scales of the supernet's quantizer at the subnet's
 bit-width, and the extracted model holds their dequantized values, which is what the
 supernet's fake quantization computes, bit for bit.
@@ -20,22 +21,24 @@ import torch
 
 from allinone.elastic.quant import quantizable_layers
 from allinone.elastic.space import SearchSpace, load_grid, load_space
-from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig
+from allinone.elastic.subnet import EXTRACTOR_KIND, FLOAT_BITS, SubnetConfig
 from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
 from allinone.quant.accounting import SizeReport, size_report
 from allinone.quant.quantizer import QuantizedTensor
 
 __all__ = ["subnet_model_config", "extract", "extracted_size", "extract_to_dirs", "ExtractResult"]
 
-_BLOCK = re.compile(r"^encoder\.encoders\.(\d+)\.")
 
+def subnet_model_config(config: ASRModelConfig | Wav2Vec2Config,
+                        subnet: SubnetConfig) -> ASRModelConfig | Wav2Vec2Config:
+    """The config of the standalone model of ``subnet`` (no quantizers).
 
-def subnet_model_config(config: ASRModelConfig, subnet: SubnetConfig) -> ASRModelConfig:
-    """The ``ASRModelConfig`` of the standalone model of ``subnet`` (no quantizers).
-
-    Uniform widths stay uniform fields (an ESPnet-expressible config when the head width
-    is ``output_size / heads``); mixed ones become per-block lists.
+    Uniform widths stay uniform fields (for an ``ASRModelConfig``, an ESPnet-expressible
+    config when the head width is ``output_size / heads``); mixed ones become per-block lists.
     """
+    if isinstance(config, Wav2Vec2Config):
+        return _wav2vec2_subnet_config(config, subnet)
     enc = config.encoder
     d_k = enc.attention_head_dim
     units = [c.ffn for c in subnet.layers]
@@ -54,37 +57,78 @@ def subnet_model_config(config: ASRModelConfig, subnet: SubnetConfig) -> ASRMode
     return dataclasses.replace(config, encoder=new_enc, quant=None)
 
 
-def _source_name(name: str, subnet: SubnetConfig) -> str:
-    """Supernet state-dict key of an extracted model's key (block j -> the j-th used block)."""
-    m = _BLOCK.match(name)
-    if m is None:
-        return name
-    return f"encoder.encoders.{subnet.layers[int(m.group(1))].index}.{name[m.end():]}"
+def _wav2vec2_subnet_config(config: Wav2Vec2Config, subnet: SubnetConfig) -> Wav2Vec2Config:
+    """``subnet_model_config`` of a wav2vec2 / HuBERT supernet: a published-layout config when
+    the widths are uniform and ``heads * head_dim = embed_dim``, else per-layer lists and
+    ``encoder_head_dim``.  The extractor is float in the config (its weights, when quantized,
+    hold the dequantized values)."""
+    d_k = config.head_dim
+    units = [c.ffn for c in subnet.layers]
+    heads = [c.heads for c in subnet.layers]
+    return dataclasses.replace(
+        config,
+        encoder_num_layers=subnet.depth,
+        encoder_ff_interm_features=max(units),
+        encoder_num_heads=max(heads),
+        encoder_layer_ff_interm_features=None if len(set(units)) == 1 else units,
+        encoder_layer_num_heads=None if len(set(heads)) == 1 else heads,
+        encoder_head_dim=None if max(heads) * d_k == config.encoder_embed_dim else d_k,
+        quant=None,
+        extractor_bits=FLOAT_BITS,
+    )
+
+
+def _check_subnet(model: ASRModel | Wav2Vec2CTCModel, subnet: SubnetConfig) -> str:
+    """Check ``subnet`` against ``model``; returns the state-dict prefix of its elastic blocks."""
+    if isinstance(model, Wav2Vec2CTCModel):
+        model.check_subnet(subnet)
+        return "encoder.transformer.layers."
+    model.encoder.check_subnet(subnet)
+    return "encoder.encoders."
+
+
+def source_name(model: ASRModel | Wav2Vec2CTCModel, name: str, subnet: SubnetConfig) -> str:
+    """Supernet state-dict key of an extracted model's key ``name`` (block j -> the j-th used block)."""
+    prefix = "encoder.transformer.layers." if isinstance(model, Wav2Vec2CTCModel) else "encoder.encoders."
+    m = re.match("^" + re.escape(prefix) + r"(\d+)\.", name)
+    return name if m is None else f"{prefix}{subnet.layers[int(m.group(1))].index}.{name[m.end():]}"
 
 
 @torch.no_grad()
-def extract(model: ASRModel, subnet: SubnetConfig) -> tuple[ASRModel, dict[str, QuantizedTensor]]:
+def extract(model: ASRModel | Wav2Vec2CTCModel,
+            subnet: SubnetConfig) -> tuple[ASRModel | Wav2Vec2CTCModel, dict[str, QuantizedTensor]]:
     """Standalone model of ``subnet`` and its quantized weights (name -> codes + scale).
 
-    Pure: ``model`` is not modified.  The returned model is in eval mode; its quantized
-    weights hold ``codes * scale``.
+    Pure: ``model`` is not modified.  The returned model (same class as ``model``) is in
+    eval mode; its quantized weights hold ``codes * scale``.
     """
-    model.encoder.check_subnet(subnet)
-    small = ASRModel(subnet_model_config(model.config, subnet))
+    prefix = _check_subnet(model, subnet)
+    small = type(model)(subnet_model_config(model.config, subnet))
+    block = re.compile("^" + re.escape(prefix) + r"(\d+)\.")
+
     source = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name, target in small.state_dict().items():
-        t = source[_source_name(name, subnet)]
-        # Leading slice to the target's shape: first rows (w_1, b_1, q/k/v/pos, pos_bias_u/v)
-        # and first columns (w_2, linear_out); everything else has the same shape.
+        t = source[source_name(model, name, subnet)]
+        # Leading slice to the target's shape: first rows (FFN input layer, q/k/v/pos,
+        # pos_bias_u/v) and first columns (FFN output layer, attention output); everything
+        # else has the same shape.
         state[name] = t[tuple(slice(0, n) for n in target.shape)].clone()
+    # Which weights are quantized, at which bits: the supernet's quantizable layers that the
+    # subnet uses (its blocks at the subnet's bits; the wav2vec2 extractor at its fixed bits).
+    position = {c.index: j for j, c in enumerate(subnet.layers)}
     quantized: dict[str, QuantizedTensor] = {}
-    for name, _, kind in quantizable_layers(small):
-        m = _BLOCK.match(name)
-        bits = subnet.layers[int(m.group(1))].bits(kind)
+    for src, layer, kind in quantizable_layers(model):
+        m = block.match(src)
+        if m is None:
+            name, bits = src, (model.config.extractor_bits if kind == EXTRACTOR_KIND else FLOAT_BITS)
+        elif int(m.group(1)) in position:
+            j = position[int(m.group(1))]
+            name, bits = f"{prefix}{j}.{src[m.end():]}", subnet.layers[j].bits(kind)
+        else:
+            continue  # a block the subnet skips
         if bits == FLOAT_BITS:
             continue
-        layer = model.get_submodule(_source_name(name, subnet).rsplit(".", 1)[0])
         quantizer = getattr(layer, "quantizer", None)
         if quantizer is None:
             raise ValueError(f"subnet asks for {bits}-bit {name}, but the model has no quantizers "
@@ -96,7 +140,7 @@ def extract(model: ASRModel, subnet: SubnetConfig) -> tuple[ASRModel, dict[str, 
     return small.eval(), quantized
 
 
-def extracted_size(model: ASRModel, quantized: dict[str, QuantizedTensor]) -> SizeReport:
+def extracted_size(model: ASRModel | Wav2Vec2CTCModel, quantized: dict[str, QuantizedTensor]) -> SizeReport:
     """Size accounting of an extracted model: every tensor, codes and scales included."""
     return size_report(model.state_dict(), {k: q.bits for k, q in quantized.items()},
                        scale_counts={k: q.scale.numel() for k, q in quantized.items()})

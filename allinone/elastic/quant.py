@@ -1,9 +1,10 @@
 """Weight quantizers of a supernet: one per quantizable encoder weight, one scale per bit-width.
 
-A model whose ``ASRModelConfig.quant`` is set gets a ``quantizer`` child on every
-quantizable layer (``allinone.quant.default_quantizable``: the Linear / Conv1d weights of
-the encoder blocks).  ``allinone.models.conformer.subnet_weight`` calls it with the
-(sliced) weight and the active bit-width.  The state-dict keys of those layers gain
+A model whose ``ASRModelConfig.quant`` (or ``Wav2Vec2Config.quant``) is set gets a
+``quantizer`` child on every quantizable layer (``allinone.quant.default_quantizable``: the
+Linear / Conv1d weights under the model's ``quant_prefixes``, by default the Conformer's
+encoder blocks).  ``allinone.elastic.slicing.subnet_weight`` calls it with the (sliced)
+weight and the active bit-width.  The state-dict keys of those layers gain
 ``<layer>.quantizer.scales.b<bits>`` and ``<layer>.quantizer.initialized``; a model
 without ``quant`` keeps exactly ESPnet's keys.
 """
@@ -16,7 +17,7 @@ from typing import Iterator
 from torch import nn
 
 from allinone.elastic.subnet import FLOAT_BITS, module_kind
-from allinone.quant.accounting import default_quantizable
+from allinone.quant.accounting import DEFAULT_QUANT_PREFIXES, default_quantizable
 from allinone.quant.quantizer import MultiPrecisionQuantizer, NestedQuantizer, check_bits
 
 __all__ = ["QuantConfig", "add_quantizers", "init_quantizers", "quantizable_layers"]
@@ -73,12 +74,16 @@ class QuantConfig:
 
 
 def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """(weight name, layer, module kind) of every quantizable weight of an ``ASRModel``.
+    """(weight name, layer, module kind) of every quantizable weight of a model.
 
     Names are state-dict keys, e.g. ``encoder.encoders.0.self_attn.linear_q.weight``.
+    Which weights: those under ``model.quant_prefixes`` (a model attribute; default
+    ``encoder.encoders.``, the Conformer blocks of an ``ASRModel``).
     """
+    prefixes = getattr(model, "quant_prefixes", DEFAULT_QUANT_PREFIXES)
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)) and default_quantizable(f"{name}.weight", module.weight):
+        if (isinstance(module, (nn.Linear, nn.Conv1d))
+                and default_quantizable(f"{name}.weight", module.weight, prefixes)):
             yield f"{name}.weight", module, module_kind(name)
 
 

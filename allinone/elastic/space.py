@@ -126,19 +126,21 @@ class SearchSpace:
                 "layers": {k: list(v) for k, v in self.layers.items()}, "num_blocks": self.num_blocks}
 
     def for_model(self, model_config) -> "SearchSpace":
-        """This space checked against an ``ASRModelConfig`` (its blocks, widths, quantizer bits)."""
-        enc = model_config.encoder
-        nb = enc.num_blocks
+        """This space checked against a model config (its blocks, widths, quantizer bits).
+
+        model_config: an ``ASRModelConfig`` or a ``Wav2Vec2Config``; anything with
+        ``elastic_limits() -> (blocks, fewest FFN units of a block, fewest heads of a block,
+        quantizer bit-widths)``.
+        """
+        nb, units, heads, quant_bits = model_config.elastic_limits()
         if max(self.depth) > nb:
             raise ValueError(f"search space depth {max(self.depth)} is beyond the model's {nb} blocks")
-        units = min(enc.block_linear_units(i) for i in range(nb))
-        heads = min(enc.block_attention_heads(i) for i in range(nb))
         if max(self.ffn) > units:
             raise ValueError(f"search space ffn {max(self.ffn)} is beyond the model's {units} FFN units")
         if max(self.heads) > heads:
             raise ValueError(f"search space heads {max(self.heads)} is beyond the model's {heads} heads")
         int_bits = [b for b in self.bits if b != FLOAT_BITS]
-        have = set(model_config.quant.int_bits) if model_config.quant is not None else set()
+        have = set(quant_bits)
         missing = [b for b in int_bits if b not in have]
         if missing:
             raise ValueError(f"search space bits {missing} need quantizers: the model's quant section has "

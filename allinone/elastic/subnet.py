@@ -17,23 +17,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["KINDS", "FLOAT_BITS", "LayerChoice", "SubnetConfig", "module_kind"]
+__all__ = ["KINDS", "FLOAT_BITS", "EXTRACTOR_KIND", "LayerChoice", "SubnetConfig", "module_kind"]
 
 FLOAT_BITS = 32
 # Module kinds whose weights may take their own bit-width: self-attention
 # (linear_q/k/v/out/pos), the feed-forward modules (macaron and main), the convolution module.
+# wav2vec2 / HuBERT layers have attention (q/k/v/out_proj) and FFN only: their 'conv' bits
+# are unused.
 KINDS = ("attn", "ffn", "conv")
+# The wav2vec2 CNN feature extractor, when quantized: one fixed bit-width for every subnet
+# (``Wav2Vec2Config.extractor_bits``), not a per-block choice.
+EXTRACTOR_KIND = "extractor"
 
 
 def module_kind(name: str) -> str:
-    """Kind of an encoder-block weight from its name, e.g. ``encoder.encoders.3.feed_forward.w_1.weight`` -> 'ffn'."""
+    """Kind of a quantizable weight from its name, e.g. ``encoder.encoders.3.feed_forward.w_1.weight``
+    -> 'ffn', ``encoder.transformer.layers.0.attention.q_proj.weight`` -> 'attn',
+    ``feature_extractor.conv_layers.0.conv.weight`` -> 'extractor'."""
     parts = name.split(".")
-    if "self_attn" in parts:
+    if "self_attn" in parts or "attention" in parts:
         return "attn"
     if "feed_forward" in parts or "feed_forward_macaron" in parts:
         return "ffn"
     if "conv_module" in parts:
         return "conv"
+    if "feature_extractor" in parts:
+        return EXTRACTOR_KIND
     raise ValueError(f"{name!r} is not a weight of an attention, feed-forward or convolution module")
 
 

@@ -8,6 +8,7 @@ the weights the supernet starts with.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -25,11 +26,17 @@ logger = logging.getLogger("allinone")
 def load_init_weights(model, source: str | Path) -> None:
     """Copy the weights of a trained model into ``model`` (quantizer scales excepted).
 
-    source: an allinone model directory (``config.json``) or an ESPnet2 experiment
-    directory (``config.yaml`` + ``*.pth``).  Shapes must match exactly.
+    source: an allinone model directory (``config.json``), an ESPnet2 experiment
+    directory (``config.yaml`` + ``*.pth``) or, for a ``Wav2Vec2CTCModel``, a Hugging Face
+    ``Wav2Vec2ForCTC`` / ``HubertForCTC`` directory (``config.json`` with ``model_type``).
+    Shapes must match exactly.
     """
     source = Path(source)
-    if (source / "config.json").is_file():
+    if _is_hf_dir(source):
+        from allinone.interop.huggingface import load_hf_ctc
+
+        state = load_hf_ctc(source)[0].state_dict()
+    elif (source / "config.json").is_file():
         from allinone.models.saved import load_model_dir
 
         state = load_model_dir(source).model.state_dict()
@@ -38,8 +45,8 @@ def load_init_weights(model, source: str | Path) -> None:
 
         state = load_espnet_asr(source)[0].state_dict()
     else:
-        raise ValueError(f"init_from={source}: neither an allinone model directory (config.json) "
-                         "nor an ESPnet experiment (config.yaml)")
+        raise ValueError(f"init_from={source}: neither an allinone model directory (config.json), "
+                         "a Hugging Face CTC directory nor an ESPnet experiment (config.yaml)")
     ours = model.state_dict()
     unexpected = [k for k in state if k not in ours]
     missing = [k for k in ours if k not in state and ".quantizer." not in k]
@@ -54,9 +61,18 @@ def load_init_weights(model, source: str | Path) -> None:
             ours[k].copy_(v)
 
 
+def _is_hf_dir(source: Path) -> bool:
+    """A Hugging Face model directory: its ``config.json`` names a ``model_type``."""
+    try:
+        return "model_type" in json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def init_supernet(model, space: str | dict | SearchSpace, init_from: str | Path | None = None,
                   reorder: bool = True) -> SearchSpace:
-    """Prepare ``model`` (an ``ASRModel``) for supernet training; returns its bound space.
+    """Prepare ``model`` (an ``ASRModel`` or a ``Wav2Vec2CTCModel`` with a ``quant`` section) for
+    supernet training; returns its bound space.
 
     init_from: trained weights to start from (see ``load_init_weights``); reorder: sort FFN
     units and heads of those weights by importance (only with ``init_from``; random

@@ -23,6 +23,7 @@ class DecodeOptions:
     beam: int = 1  # 1 = greedy CTC
     ctc_weight: float = 0.3  # weight of the CTC score when rescoring with the decoder
     max_frames: int = 30000  # padded frames per batch
+    max_samples: int = 1_600_000  # padded samples per batch (waveform models)
     num_workers: int = 2
     device: str = "cpu"
     skip_bad: bool = False
@@ -62,7 +63,7 @@ def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) ->
 def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -> list[list[int]]:
     """Token ids of the best hypothesis for each utterance of a padded batch.
 
-    feats: [B, T, F], feat_lens: [B]; subnet: the ``SubnetConfig`` a supernet runs
+    feats: [B, T, F] (waveform models: [B, S]), feat_lens: [B]; subnet: the ``SubnetConfig`` a supernet runs
     (None = the whole model, the only choice for a plain or extracted model).
     """
     from allinone.eval.ctc_decode import ctc_greedy_batch, ctc_prefix_beam_search
@@ -75,7 +76,7 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -
     for b in range(log_probs.shape[0]):
         t = int(enc_lens[b])
         nbest = ctc_prefix_beam_search(log_probs[b, :t], beam=opts.beam)
-        if model.decoder is None or len(nbest) == 1:
+        if getattr(model, "decoder", None) is None or len(nbest) == 1:  # (wav2vec2 models have none)
             results.append(list(nbest[0][0]))
             continue
         hyps = [list(h) for h, _ in nbest]
@@ -92,7 +93,7 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
 
     Returns the contents of ``wer.json`` plus timing.
     """
-    from allinone.data.dataset import BucketBatchSampler, collate, extract_features, ASRDataset
+    from allinone.data.dataset import BucketBatchSampler, WaveformConfig, collate, extract_features, ASRDataset
     from allinone.data.kaldi import read_data_dir
     from allinone.eval.wer import write_results
     from allinone.models.saved import load_model_dir
@@ -104,7 +105,8 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     feats = extract_features(utts, loaded.fbank, opts.num_workers, skip_bad=opts.skip_bad,
                              progress=False)
     dataset = ASRDataset(feats, utts, tokenizer)
-    sampler = BucketBatchSampler(dataset.lengths, opts.max_frames, shuffle=False)
+    budget = opts.max_samples if isinstance(loaded.fbank, WaveformConfig) else opts.max_frames
+    sampler = BucketBatchSampler(dataset.lengths, budget, shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     hyps: dict[str, str] = {}
     start = time.time()

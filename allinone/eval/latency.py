@@ -7,6 +7,8 @@ A backend is a way of running an extracted (standalone) model:
 | ``cpu-fp32`` | the extracted model on CPU, float32 weights (quantized ones dequantized on load) |
 | ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Conv1d layers stay float |
 | ``cuda-fp32`` | the extracted model on the GPU, float32 |
+| ``cuda-bf16`` | the same under bf16 autocast (the float twin an int8 model must not be slower than) |
+| ``cuda-int8`` | the extracted model on the GPU with every 8-bit ``nn.Linear`` on ``torch._int_mm`` (int8 weights and per-row int8 activations); only for all-8-bit subnets |
 
 Each utterance is recognised alone (batch of one, as a deployed recogniser would see it):
 encoder, CTC log-probabilities, then greedy or beam search, exactly ``recognize_batch``.
@@ -33,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model"]
+BACKENDS = ("cpu-fp32", "cpu-int8", "cuda-fp32", "cuda-bf16", "cuda-int8")
+
+__all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model"]
 
 
 @dataclass
@@ -65,7 +69,9 @@ def backends_for(bits: dict[str, int], device: str = "cpu") -> list[str]:
     if int8_applicable(bits):
         out.append("cpu-int8")
     if torch.cuda.is_available():
-        out.append("cuda-fp32")
+        out += ["cuda-fp32", "cuda-bf16"]
+        if int8_applicable(bits):
+            out.append("cuda-int8")
     return out
 
 
@@ -150,7 +156,7 @@ def int8_model(model, quantized: dict) -> list[str]:
         layer = model.get_submodule(name.rsplit(".", 1)[0])
         if q.bits != 8 or not isinstance(layer, torch.nn.Linear):
             continue  # Conv1d layers (pointwise / depthwise) stay on float kernels
-        int8 = Int8Linear.from_quantized(q, layer.bias)
+        int8 = Int8Linear.from_quantized(q, layer.bias).to(layer.weight.device)
         weight = layer._parameters.pop("weight")
         layer.int8 = int8  # a child module: moves and is saved with the model
         layer.weight = _Int8RoutedWeight(weight.data, int8, layer.bias)
@@ -164,10 +170,14 @@ def _backend_model(model, backend: str, quantized: dict):
     if backend == "cpu-int8":
         if not int8_model(m, quantized):
             raise ValueError("cpu-int8 backend: the model has no 8-bit Linear layers")
-    elif backend == "cuda-fp32":
+    elif backend in ("cuda-fp32", "cuda-bf16"):
         m = m.to("cuda")
+    elif backend == "cuda-int8":
+        m = m.to("cuda")
+        if not int8_model(m, quantized):
+            raise ValueError("cuda-int8 backend: the model has no 8-bit Linear layers")
     elif backend != "cpu-fp32":
-        raise ValueError(f"unknown latency backend {backend!r}; known: cpu-fp32, cpu-int8, cuda-fp32")
+        raise ValueError(f"unknown latency backend {backend!r}; known: {', '.join(BACKENDS)}")
     return m
 
 
@@ -207,8 +217,10 @@ def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: 
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for x, n in inputs:
-                recognize_batch(m, x, n, opts)
+            with (torch.autocast("cuda", dtype=torch.bfloat16) if backend == "cuda-bf16"
+                  else contextlib.nullcontext()):
+                for x, n in inputs:
+                    recognize_batch(m, x, n, opts)
             if cuda:
                 torch.cuda.synchronize()  # kernels are asynchronous: wait before reading the clock
             return time.perf_counter() - t0

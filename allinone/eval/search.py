@@ -58,7 +58,7 @@ def subnet_size(model, subnet: SubnetConfig):
     The extracted config is built on the meta device (shapes only); quantized tensors get
     one scale per output row when the supernet's quantizer is per-channel, else one.
     """
-    from allinone.elastic.extract import _source_name, subnet_model_config
+    from allinone.elastic.extract import source_name, subnet_model_config
     from allinone.elastic.quant import quantizable_layers
     from allinone.models.asr import ASRModel
     from allinone.quant.accounting import size_report
@@ -70,7 +70,7 @@ def subnet_size(model, subnet: SubnetConfig):
         b = subnet.layers[int(name.split(".")[2])].bits(kind)
         if b == FLOAT_BITS:
             continue
-        layer = model.get_submodule(_source_name(name, subnet).rsplit(".", 1)[0])
+        layer = model.get_submodule(source_name(model, name, subnet).rsplit(".", 1)[0])
         shape = small.get_parameter(name).shape
         bits[name] = b
         scales[name] = shape[0] if getattr(layer.quantizer, "per_channel", False) else 1

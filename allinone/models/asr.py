@@ -26,7 +26,7 @@ from allinone.elastic.subnet import SubnetConfig
 from allinone.models.conformer import ConformerConfig, ConformerEncoder
 from allinone.models.normalize import GlobalMVN, Stats
 
-__all__ = ["ASRModelConfig", "ASRModel", "CTC", "add_sos_eos", "label_smoothing_loss", "IGNORE_ID"]
+__all__ = ["ASRModelConfig", "ASRModel", "CTC", "ctc_loss", "add_sos_eos", "label_smoothing_loss", "IGNORE_ID"]
 
 IGNORE_ID = -1
 
@@ -100,6 +100,15 @@ class ASRModelConfig:
                 )
         return self
 
+    def elastic_limits(self) -> tuple[int, int, int, list[int]]:
+        """(blocks, fewest FFN units of a block, fewest heads of a block, quantizer bit-widths):
+        what ``SearchSpace.for_model`` checks a space against."""
+        enc = self.encoder
+        nb = enc.num_blocks
+        return (nb, min(enc.block_linear_units(i) for i in range(nb)),
+                min(enc.block_attention_heads(i) for i in range(nb)),
+                self.quant.int_bits if self.quant is not None else [])
+
     def to_dict(self) -> dict:
         """Nested plain dict (JSON/YAML-safe)."""
         return dataclasses.asdict(self)
@@ -142,15 +151,22 @@ class CTC(nn.Module):
         self, enc: torch.Tensor, enc_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
     ) -> torch.Tensor:
         """Scalar CTC loss. enc [B, T, D], enc_lens [B], tokens [B, U] (padded -1), token_lens [B]."""
-        log_probs = self.log_probs(enc).float().transpose(0, 1)  # [T, B, V] for ctc_loss
-        # Concatenated targets: padding (-1) must never reach ctc_loss.
-        valid = torch.arange(tokens.size(1), device=tokens.device)[None, :] < token_lens[:, None]
-        targets = tokens[valid]
-        loss = F.ctc_loss(
-            log_probs, targets, enc_lens, token_lens, blank=0,
-            reduction="none", zero_infinity=self.zero_infinity,
-        )
-        return (loss.sum() / enc.size(0)).to(enc.dtype)
+        return ctc_loss(self.log_probs(enc), enc_lens, tokens, token_lens, self.zero_infinity).to(enc.dtype)
+
+
+def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor,
+             zero_infinity: bool = True) -> torch.Tensor:
+    """ESPnet's CTC loss (blank 0): per-utterance sums added and divided by the batch size.
+
+    log_probs [B, T, V], lengths [B] valid frames, tokens [B, U] padded with -1,
+    token_lens [B] -> float32 scalar.  Shared by ``CTC`` and the wav2vec2 model.
+    """
+    lp = log_probs.float().transpose(0, 1)  # [T, B, V] for ctc_loss
+    # Concatenated targets: padding (-1) must never reach ctc_loss.
+    valid = torch.arange(tokens.size(1), device=tokens.device)[None, :] < token_lens[:, None]
+    targets = tokens[valid]
+    loss = F.ctc_loss(lp, targets, lengths, token_lens, blank=0, reduction="none", zero_infinity=zero_infinity)
+    return loss.sum() / log_probs.size(0)
 
 
 def add_sos_eos(

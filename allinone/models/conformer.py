@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allinone.elastic.slicing import subnet_weight  # shared with the wav2vec2 model; re-exported here
 from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig
 
 __all__ = [
@@ -210,34 +211,6 @@ class ConformerConfig:
             if d.get(name) is not None:
                 d[name] = list(d[name])
         return cls(**d)
-
-
-def subnet_weight(
-    layer: nn.Linear | nn.Conv1d, bits: int = FLOAT_BITS, rows: int | None = None, cols: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias of ``layer`` as a subnet computes with them.
-
-    rows: keep the first ``rows`` output channels (weight rows and bias entries);
-    cols: keep the first ``cols`` input features (weight columns).  Both are views of
-    the full Parameters, so gradients flow into the shared weights.  ``bits`` < 32
-    fake-quantizes the sliced weight with ``layer.quantizer`` (a
-    ``MultiPrecisionQuantizer`` / ``NestedQuantizer``, whose per-channel scales are
-    sliced with the rows).  With no slicing and 32 bits this returns the Parameters
-    themselves: the plain model.
-    """
-    weight, bias = layer.weight, layer.bias
-    if rows is not None:
-        weight = weight[:rows]
-        bias = None if bias is None else bias[:rows]
-    if cols is not None:
-        weight = weight[:, :cols]
-    if bits != FLOAT_BITS:
-        quantizer = getattr(layer, "quantizer", None)
-        if quantizer is None:
-            raise ValueError(f"bit-width {bits} needs a model built with a 'quant' section "
-                             "(this model's weights have no quantizers)")
-        weight = quantizer(weight, bits)
-    return weight, bias
 
 
 # --------------------------------------------------------------------------- front end

@@ -3,8 +3,9 @@
 Layout::
 
     MODEL_DIR/
-      config.json            architecture (ASRModelConfig), front end, optional subnet string,
-                             optional search_space (supernets)
+      config.json            ``arch`` (``conformer_asr``: ASRModelConfig; ``wav2vec2_ctc``:
+                             Wav2Vec2Config), front end (``fbank``, or ``waveform`` for wav2vec2),
+                             optional subnet string, optional search_space (supernets)
       model.safetensors      float weights                  (plain or extracted float model)
       model.packed.safetensors  packed low-bit weights     (extracted quantized model)
       tokenizer/             the tokenizer the model was trained with
@@ -29,6 +30,8 @@ import torch
 from allinone.utils import atomic_open
 
 ARCH = "conformer_asr"
+WAV2VEC2_ARCH = "wav2vec2_ctc"  # allinone.models.wav2vec2.Wav2Vec2CTCModel on raw waveforms
+ARCHES = (ARCH, WAV2VEC2_ARCH)
 FORMAT_VERSION = 1
 FLOAT_WEIGHTS = "model.safetensors"
 PACKED_WEIGHTS = "model.packed.safetensors"
@@ -36,8 +39,8 @@ PACKED_WEIGHTS = "model.packed.safetensors"
 
 @dataclass
 class LoadedModel:
-    model: Any  # allinone.models.asr.ASRModel
-    fbank: Any  # allinone.data.features.FbankConfig
+    model: Any  # allinone.models.asr.ASRModel or allinone.models.wav2vec2.Wav2Vec2CTCModel
+    fbank: Any  # the front end: allinone.data.features.FbankConfig or allinone.data.dataset.WaveformConfig
     tokenizer: Any
     info: dict
 
@@ -57,12 +60,22 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def model_arch(model) -> str:
+    """``config.json``'s ``arch`` of a model: which class ``load_model_dir`` builds."""
+    from allinone.models.wav2vec2 import Wav2Vec2CTCModel
+
+    return WAV2VEC2_ARCH if isinstance(model, Wav2Vec2CTCModel) else ARCH
+
+
 def _model_config_json(model, fbank, extra: dict | None) -> dict:
+    from allinone.data.dataset import WaveformConfig
+
     config = {
         "format_version": FORMAT_VERSION,
-        "arch": ARCH,
+        "arch": model_arch(model),
         "model": model.config.to_dict(),
-        "fbank": asdict(fbank),
+        # The front end, under a key that says which kind it is.
+        ("waveform" if isinstance(fbank, WaveformConfig) else "fbank"): asdict(fbank),
     }
     space = getattr(model, "search_space", None)
     if space is not None:
@@ -109,7 +122,7 @@ def save_extracted(out_dir: str | Path, model, quantized: dict, fbank, tokenizer
     unknown = sorted(set(quantized) - set(state))
     if unknown:
         raise ValueError(f"quantized tensors that are not in the model: {unknown[:5]}")
-    save_packed(out_dir / PACKED_WEIGHTS, ARCH, config["model"],
+    save_packed(out_dir / PACKED_WEIGHTS, config["arch"], config["model"],
                 {k: v for k, v in state.items() if k not in quantized}, quantized)
     (out_dir / FLOAT_WEIGHTS).unlink(missing_ok=True)
     with atomic_open(out_dir / "config.json") as f:
@@ -128,24 +141,34 @@ def read_model_config(model_dir: str | Path) -> dict:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    if config.get("arch") != ARCH:
-        raise ValueError(f"{cfg_path}: architecture {config.get('arch')!r} is not {ARCH!r}")
+    if config.get("arch") not in ARCHES:
+        raise ValueError(f"{cfg_path}: architecture {config.get('arch')!r} is not one of "
+                         f"{', '.join(map(repr, ARCHES))}")
     return config
 
 
 def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     """Load a float or packed model directory written by allinone (train, extract)."""
+    from allinone.data.dataset import WaveformConfig
     from allinone.data.features import FbankConfig
     from allinone.data.tokenizer import load_tokenizer
-    from allinone.models.asr import ASRModel, ASRModelConfig
 
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
-    model = ASRModel(ASRModelConfig.from_dict(config["model"]))
+    if config["arch"] == WAV2VEC2_ARCH:
+        from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
+
+        model = Wav2Vec2CTCModel(Wav2Vec2Config.from_dict(config["model"]))
+        front_end = WaveformConfig(**config["waveform"])
+    else:
+        from allinone.models.asr import ASRModel, ASRModelConfig
+
+        model = ASRModel(ASRModelConfig.from_dict(config["model"]))
+        front_end = FbankConfig(**config["fbank"])
     if (model_dir / PACKED_WEIGHTS).is_file():
         from allinone.quant.packed_file import load_packed
 
-        packed = load_packed(model_dir / PACKED_WEIGHTS, expected_arch=ARCH)
+        packed = load_packed(model_dir / PACKED_WEIGHTS, expected_arch=config["arch"])
         state = packed.state_dict
     elif (model_dir / FLOAT_WEIGHTS).is_file():
         from safetensors import SafetensorError
@@ -168,4 +191,4 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
 
         model.search_space = SearchSpace.from_dict(config["search_space"]).for_model(model.config)
     model.to(device).eval()
-    return LoadedModel(model, FbankConfig(**config["fbank"]), load_tokenizer(model_dir / "tokenizer"), config)
+    return LoadedModel(model, front_end, load_tokenizer(model_dir / "tokenizer"), config)

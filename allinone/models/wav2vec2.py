@@ -17,11 +17,20 @@ Both layouts are covered:
   ``layer_norm`` extractor (LayerNorm after every convolution), LayerNorm before the
   attention and before the FFN of each layer, one LayerNorm after the last layer.
 
-As in ``allinone.models.conformer``, every transformer layer computes with its weights
-through ``F.linear`` on ``self.<layer>.weight`` (via ``SelfAttention.linear`` /
-``FeedForward.linear``), and the number of attention heads is read from the projected
-width (``width // head_dim``), so a later supernet can slice or fake-quantize weights by
-overriding one small method.  Nothing elastic is built here.
+Supernet (docs/wav2vec2.md, "Supernet"), as in ``allinone.models.conformer``:
+
+* Every transformer layer computes with its weights through
+  ``allinone.elastic.slicing.subnet_weight`` (via ``SelfAttention.linear`` /
+  ``FeedForward.linear``): the first rows / columns (views), fake-quantized when the layer
+  has a ``quantizer`` child.  The number of attention heads is read from the projected
+  width (``width // head_dim``), so the first ``h * head_dim`` rows run ``h`` heads.
+* ``Wav2Vec2Config.quant`` gives the transformer layers' Linear weights quantizers (and the
+  CNN extractor's convolutions when ``extractor_bits`` < 32); the model is then a supernet.
+* A subnet (``allinone.elastic.subnet.SubnetConfig``: layers, FFN units, heads, bits per
+  layer) is an argument of ``forward`` / ``encode``; ``subnet=None`` slices and quantizes
+  nothing: the plain model.
+* Extracted subnets are plain models of a config with ``encoder_head_dim`` and per-layer
+  ``encoder_layer_ff_interm_features`` / ``encoder_layer_num_heads``.
 
 Tensors are batch-first: waveforms ``[batch, sample]``, features ``[batch, frame,
 feature]``.
@@ -35,6 +44,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from allinone.elastic.quant import QuantConfig, add_quantizers
+from allinone.elastic.slicing import subnet_weight
+from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig
+from allinone.models.asr import ctc_loss
 
 __all__ = [
     "Wav2Vec2Config",
@@ -65,7 +79,8 @@ _EXTRACTOR_NORM_EPS = 1e-5
 
 @dataclass
 class Wav2Vec2Config:
-    """Architecture of a wav2vec2 / HuBERT CTC model: plain numbers and strings only.
+    """Architecture of a wav2vec2 / HuBERT CTC model: plain numbers and strings only
+    (``quant``, for a supernet, is a ``QuantConfig`` of plain values).
 
     Field names are those of ``torchaudio.models.wav2vec2_model`` (``aux_num_out`` is
     ``vocab_size`` here); defaults are wav2vec2-base's.  The large layout is
@@ -97,10 +112,40 @@ class Wav2Vec2Config:
     final_dropout: float = 0.0
     feature_projection_layer_norm: bool = True
     layer_norm_eps: float = 1e-5
+    # allinone only (None = the uniform published layout): width of one attention head
+    # (default encoder_embed_dim // encoder_num_heads) and per-layer FFN units / heads,
+    # which extracted subnets need.
+    encoder_head_dim: int | None = None
+    encoder_layer_ff_interm_features: list[int] | None = None
+    encoder_layer_num_heads: list[int] | None = None
+    # Supernet: weight quantizers of the transformer layers (None = a plain float model whose
+    # state dict has exactly torchaudio's keys), and the fixed bit-width of the CNN feature
+    # extractor's convolutions in every subnet (32 = float, the default; else one of quant.bits).
+    quant: QuantConfig | None = None
+    extractor_bits: int = FLOAT_BITS
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: ``encoder_head_dim`` or ``embed_dim // num_heads``."""
+        if self.encoder_head_dim is not None:
+            return self.encoder_head_dim
         return self.encoder_embed_dim // self.encoder_num_heads
+
+    def layer_ff_interm_features(self, i: int) -> int:
+        """FFN hidden units of transformer layer ``i``."""
+        per_layer = self.encoder_layer_ff_interm_features
+        return per_layer[i] if per_layer is not None else self.encoder_ff_interm_features
+
+    def layer_num_heads(self, i: int) -> int:
+        """Attention heads of transformer layer ``i``."""
+        return self.encoder_layer_num_heads[i] if self.encoder_layer_num_heads is not None else self.encoder_num_heads
+
+    def elastic_limits(self) -> tuple[int, int, int, list[int]]:
+        """(layers, fewest FFN units of a layer, fewest heads of a layer, quantizer bit-widths):
+        what ``SearchSpace.for_model`` checks a space against."""
+        n = self.encoder_num_layers
+        return (n, min(self.layer_ff_interm_features(i) for i in range(n)),
+                min(self.layer_num_heads(i) for i in range(n)), self.quant.int_bits if self.quant else [])
 
     def validate(self) -> "Wav2Vec2Config":
         """Raise ``ValueError`` naming the first unsupported or inconsistent field."""
@@ -119,7 +164,22 @@ class Wav2Vec2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Wav2Vec2Config.{name} must be a positive int, got {value!r}")
-        if self.encoder_embed_dim % self.encoder_num_heads:
+        if self.encoder_head_dim is not None and (not isinstance(self.encoder_head_dim, int)
+                                                  or self.encoder_head_dim < 1):
+            raise ValueError(f"Wav2Vec2Config.encoder_head_dim must be None or a positive int, "
+                             f"got {self.encoder_head_dim!r}")
+        for name in ("encoder_layer_ff_interm_features", "encoder_layer_num_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != self.encoder_num_layers
+                                      or not all(isinstance(v, int) and v >= 1 for v in value)):
+                raise ValueError(f"Wav2Vec2Config.{name} must be None or {self.encoder_num_layers} positive ints "
+                                 f"(one per layer), got {value!r}")
+        if self.quant is not None:
+            self.quant.validate()
+        if self.extractor_bits != FLOAT_BITS and (self.quant is None or self.extractor_bits not in self.quant.int_bits):
+            raise ValueError(f"Wav2Vec2Config.extractor_bits={self.extractor_bits} needs a quant section with "
+                             f"that bit-width; quant.bits: {self.quant.int_bits if self.quant else 'none'}")
+        if self.encoder_head_dim is None and self.encoder_embed_dim % self.encoder_num_heads:
             raise ValueError(f"Wav2Vec2Config.encoder_embed_dim={self.encoder_embed_dim} must be divisible by "
                              f"encoder_num_heads={self.encoder_num_heads}")
         if self.encoder_embed_dim % self.encoder_pos_conv_groups:
@@ -147,6 +207,11 @@ class Wav2Vec2Config:
         d = dict(d)
         if "extractor_conv_layer_config" in d:
             d["extractor_conv_layer_config"] = [list(c) for c in d["extractor_conv_layer_config"]]
+        for name in ("encoder_layer_ff_interm_features", "encoder_layer_num_heads"):
+            if d.get(name) is not None:
+                d[name] = list(d[name])
+        if isinstance(d.get("quant"), dict):
+            d["quant"] = QuantConfig.from_dict(d["quant"])
         return cls(**d)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -181,9 +246,13 @@ class ConvLayerBlock(nn.Module):
         else:
             raise ValueError(f"unknown norm {norm!r}")
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, C_in, T_in], lengths: [B] or None -> ([B, C_out, T_out], [B] or None)."""
-        x = self.conv(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None,
+                bits: int = FLOAT_BITS) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, C_in, T_in], lengths: [B] or None -> ([B, C_out, T_out], [B] or None).
+
+        bits: weight bit-width of the convolution (32 = float; else its ``quantizer``).
+        """
+        x = F.conv1d(x, *subnet_weight(self.conv, bits), stride=self.stride)
         if isinstance(self.layer_norm, nn.LayerNorm):
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
         elif self.layer_norm is not None:
@@ -216,14 +285,17 @@ class FeatureExtractor(nn.Module):
             in_channels = out_channels
         self.conv_layers = nn.ModuleList(blocks)
 
-    def forward(self, waveforms: torch.Tensor,
-                lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """waveforms: [B, S], lengths: [B] or None -> (features [B, T, C], lengths [B] or None)."""
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None,
+                bits: int = FLOAT_BITS) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """waveforms: [B, S], lengths: [B] or None -> (features [B, T, C], lengths [B] or None).
+
+        bits: weight bit-width of every convolution (32 = float).
+        """
         if waveforms.ndim != 2:
             raise ValueError(f"expected waveforms of shape [batch, sample], got {list(waveforms.shape)}")
         x = waveforms.unsqueeze(1)
         for block in self.conv_layers:
-            x, lengths = block(x, lengths)
+            x, lengths = block(x, lengths, bits)
         return x.transpose(1, 2), lengths
 
 
@@ -271,35 +343,48 @@ class ConvolutionalPositionalEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; heads = projected width // ``head_dim``."""
+    """Multi-head self-attention; heads = projected width // ``head_dim``.
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+    head_dim: width of one head (default embed_dim / num_heads; extracted subnets with
+    fewer heads keep the supernet's, so num_heads * head_dim < embed_dim).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, head_dim: int | None = None):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+            head_dim = embed_dim // num_heads
         self.embed_dim = embed_dim
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = head_dim
         self.dropout = dropout
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        width = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, width)
+        self.k_proj = nn.Linear(embed_dim, width)
+        self.v_proj = nn.Linear(embed_dim, width)
+        self.out_proj = nn.Linear(width, embed_dim)
 
-    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` with ``layer``'s weight and bias: the hook a supernet overrides."""
-        return F.linear(x, layer.weight, layer.bias)
+    def linear(self, layer: nn.Linear, x: torch.Tensor, bits: int = FLOAT_BITS, rows: int | None = None,
+               cols: int | None = None) -> torch.Tensor:
+        """``F.linear`` with ``layer``'s first ``rows`` / ``cols`` at ``bits`` (``subnet_weight``)."""
+        return F.linear(x, *subnet_weight(layer, bits, rows, cols))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, D], key_mask: [B, T] bool (True = valid frame) or None -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, heads: int | None = None,
+                bits: int = FLOAT_BITS) -> torch.Tensor:
+        """x: [B, T, D], key_mask: [B, T] bool (True = valid frame) or None -> [B, T, D].
+
+        heads: run only the first ``heads`` heads (None = all); bits: weight bit-width.
+        """
         b, t, _ = x.shape
-        q, k, v = (self.linear(layer, x) for layer in (self.q_proj, self.k_proj, self.v_proj))
+        width = None if heads is None else heads * self.head_dim
+        q, k, v = (self.linear(layer, x, bits, rows=width) for layer in (self.q_proj, self.k_proj, self.v_proj))
         heads = q.shape[-1] // self.head_dim
         q, k, v = (z.view(b, t, heads, self.head_dim).transpose(1, 2) for z in (q, k, v))  # [B, H, T, d]
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, 1, 1, T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, t, heads * self.head_dim)
-        return self.linear(self.out_proj, y)
+        return self.linear(self.out_proj, y, bits, cols=width)
 
 
 class FeedForward(nn.Module):
@@ -313,14 +398,16 @@ class FeedForward(nn.Module):
         self.output_dense = nn.Linear(intermediate_features, io_features)
         self.output_dropout = nn.Dropout(output_dropout)
 
-    def linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` with ``layer``'s weight and bias: the hook a supernet overrides."""
-        return F.linear(x, layer.weight, layer.bias)
+    def linear(self, layer: nn.Linear, x: torch.Tensor, bits: int = FLOAT_BITS, rows: int | None = None,
+               cols: int | None = None) -> torch.Tensor:
+        """``F.linear`` with ``layer``'s first ``rows`` / ``cols`` at ``bits`` (``subnet_weight``)."""
+        return F.linear(x, *subnet_weight(layer, bits, rows, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]."""
-        h = self.intermediate_dropout(F.gelu(self.linear(self.intermediate_dense, x)))  # [B, T, FFN]
-        return self.output_dropout(self.linear(self.output_dense, h))
+    def forward(self, x: torch.Tensor, units: int | None = None, bits: int = FLOAT_BITS) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D], with the first ``units`` hidden units (None = all)."""
+        h = self.linear(self.intermediate_dense, x, bits, rows=units)  # [B, T, units]
+        h = self.intermediate_dropout(F.gelu(h))
+        return self.output_dropout(self.linear(self.output_dense, h, bits, cols=units))
 
 
 class EncoderLayer(nn.Module):
@@ -336,16 +423,25 @@ class EncoderLayer(nn.Module):
         self.feed_forward = feed_forward
         self.final_layer_norm = nn.LayerNorm(attention.embed_dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, D], key_mask: [B, T] bool or None -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                choice: LayerChoice | None = None) -> torch.Tensor:
+        """x: [B, T, D], key_mask: [B, T] bool or None -> [B, T, D].
+
+        choice: FFN units, heads and attention / FFN bit-widths of this layer in a subnet
+        (None = all, float).
+        """
+        units = heads = None
+        bits_attn = bits_ffn = FLOAT_BITS
+        if choice is not None:
+            units, heads, bits_attn, bits_ffn = choice.ffn, choice.heads, choice.bits_attn, choice.bits_ffn
         residual = x
         if self.layer_norm_first:
             x = self.layer_norm(x)
-        x = residual + self.dropout(self.attention(x, key_mask))
+        x = residual + self.dropout(self.attention(x, key_mask, heads, bits_attn))
         if self.layer_norm_first:
-            return x + self.feed_forward(self.final_layer_norm(x))
+            return x + self.feed_forward(self.final_layer_norm(x), units, bits_ffn)
         x = self.layer_norm(x)
-        return self.final_layer_norm(x + self.feed_forward(x))
+        return self.final_layer_norm(x + self.feed_forward(x, units, bits_ffn))
 
 
 class Transformer(nn.Module):
@@ -362,16 +458,25 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = layers
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, D], key_mask: [B, T] bool or None -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                subnet: SubnetConfig | None = None) -> torch.Tensor:
+        """x: [B, T, D], key_mask: [B, T] bool or None -> [B, T, D].
+
+        subnet: the layers (in order), widths and bit-widths to run (None = every layer, float).
+        """
         x = x + self.pos_conv_embed(x)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
-        for layer in self.layers:
+        if subnet is None:
+            plan = [(layer, None) for layer in self.layers]
+        else:
+            plan = [(self.layers[c.index], c) for c in subnet.layers]
+        for layer, choice in plan:
+            # Layer drop acts on the layers that run, subnet or not.
             if self.training and self.layer_drop > 0 and torch.rand(()).item() < self.layer_drop:
                 continue
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, choice)
         if self.layer_norm_first:
             x = self.layer_norm(x)
         return x
@@ -385,18 +490,27 @@ class Encoder(nn.Module):
         self.feature_projection = feature_projection
         self.transformer = transformer
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """features: [B, T, C], lengths: [B] frames or None -> [B, T, D]."""
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None,
+                subnet: SubnetConfig | None = None) -> torch.Tensor:
+        """features: [B, T, C], lengths: [B] frames or None -> [B, T, D]; ``subnet`` as ``Transformer``."""
         x = self.feature_projection(features)
         key_mask = None
         if lengths is not None:
             key_mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # [B, T]
             x = x.masked_fill(~key_mask[..., None], 0.0)
-        return self.transformer(x, key_mask)
+        return self.transformer(x, key_mask, subnet)
 
 
 class Wav2Vec2CTCModel(nn.Module):
-    """wav2vec2 / HuBERT encoder with a linear CTC head (``aux``, torchaudio's name)."""
+    """wav2vec2 / HuBERT encoder with a linear CTC head (``aux``, torchaudio's name).
+
+    Called like torchaudio's model for logits, ``model(waveforms, lengths)``, or like
+    ``ASRModel`` for a training loss, ``model(waveforms, lengths, tokens, token_lens)``
+    (so the trainer's strategies drive it); both take ``subnet``.  With ``config.quant``
+    it is a supernet: its transformer layers' weights (and the extractor's, when
+    ``extractor_bits`` < 32) have ``quantizer`` children.  ``search_space`` (a
+    ``SearchSpace`` or None) is the space it was trained on, as on ``ASRModel``.
+    """
 
     def __init__(self, config: Wav2Vec2Config):
         super().__init__()
@@ -406,11 +520,12 @@ class Wav2Vec2CTCModel(nn.Module):
         self.feature_extractor = FeatureExtractor(config)
         layers = nn.ModuleList(
             EncoderLayer(
-                SelfAttention(d, config.encoder_num_heads, config.encoder_attention_dropout),
-                FeedForward(d, config.encoder_ff_interm_features, config.encoder_ff_interm_dropout,
+                SelfAttention(d, config.layer_num_heads(i), config.encoder_attention_dropout,
+                              head_dim=config.head_dim),
+                FeedForward(d, config.layer_ff_interm_features(i), config.encoder_ff_interm_dropout,
                             config.encoder_dropout),
                 config.encoder_dropout, config.encoder_layer_norm_first, config.layer_norm_eps)
-            for _ in range(config.encoder_num_layers))
+            for i in range(config.encoder_num_layers))
         transformer = Transformer(
             ConvolutionalPositionalEmbedding(d, config.encoder_pos_conv_kernel, config.encoder_pos_conv_groups),
             config.encoder_dropout, layers, config.encoder_layer_norm_first, config.encoder_layer_drop,
@@ -421,12 +536,85 @@ class Wav2Vec2CTCModel(nn.Module):
         self.encoder = Encoder(projection, transformer)
         self.final_dropout = nn.Dropout(config.final_dropout)
         self.aux = nn.Linear(d, config.vocab_size)
+        if config.quant is not None:
+            add_quantizers(self, config.quant)
+        self.search_space = None
 
-    def forward(self, waveforms: torch.Tensor,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """waveforms: [B, S], lengths: [B] valid samples or None ->
-        (logits [B, T, V], out_lengths [B] valid frames, or None when ``lengths`` is None)."""
-        features, out_lengths = self.feature_extractor(waveforms, lengths)  # [B, T, C]
-        x = self.encoder(features, out_lengths)  # [B, T, D]
-        logits = F.linear(self.final_dropout(x), self.aux.weight, self.aux.bias)
-        return logits, out_lengths
+    @property
+    def quant_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the quantizable weights (``allinone.elastic.quant.quantizable_layers``):
+        the transformer layers' Linears, plus the extractor's convolutions when ``extractor_bits`` < 32.
+        The positional convolution, the feature projection and ``aux`` stay float."""
+        prefixes = ("encoder.transformer.layers.",)
+        if self.config.extractor_bits != FLOAT_BITS:
+            prefixes += ("feature_extractor.conv_layers.",)
+        return prefixes
+
+    @property
+    def ctc(self) -> nn.Linear:
+        """The CTC output layer under ``ASRModel``'s name (the strategies check that it exists)."""
+        return self.aux
+
+    def check_subnet(self, subnet: SubnetConfig) -> None:
+        """Raise ``ValueError`` if ``subnet`` asks for layers or widths this model lacks."""
+        cfg = self.config
+        n = cfg.encoder_num_layers
+        for c in subnet.layers:
+            if not 0 <= c.index < n:
+                raise ValueError(f"subnet uses layer {c.index}, but the model has {n} transformer layers")
+            units, heads = cfg.layer_ff_interm_features(c.index), cfg.layer_num_heads(c.index)
+            if not 1 <= c.ffn <= units:
+                raise ValueError(f"subnet asks layer {c.index} for {c.ffn} FFN units; it has 1..{units}")
+            if not 1 <= c.heads <= heads:
+                raise ValueError(f"subnet asks layer {c.index} for {c.heads} heads; it has 1..{heads}")
+
+    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None,
+               subnet: SubnetConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """waveforms [B, S], lengths [B] valid samples or None -> (enc [B, T, D], out_lengths [B] or None).
+
+        subnet: the layers, widths and bit-widths to run (None = the whole float model); any
+        subnet runs the extractor at ``config.extractor_bits``.
+        """
+        bits = FLOAT_BITS
+        if subnet is not None:
+            self.check_subnet(subnet)
+            bits = self.config.extractor_bits
+        features, out_lengths = self.feature_extractor(waveforms, lengths, bits)  # [B, T, C]
+        return self.encoder(features, out_lengths, subnet), out_lengths
+
+    def logits(self, enc: torch.Tensor) -> torch.Tensor:
+        """enc [B, T, D] -> CTC logits [B, T, V] (after ``final_dropout``)."""
+        return F.linear(self.final_dropout(enc), self.aux.weight, self.aux.bias)
+
+    def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
+        """enc [B, T, D] -> CTC log-probabilities [B, T, V]."""
+        return F.log_softmax(self.logits(enc), dim=-1)
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None, token_lens: torch.Tensor | None = None,
+                subnet: SubnetConfig | None = None, return_ctc_log_probs: bool = False):
+        """Logits, or (with ``tokens``) ``ASRModel``'s training-loss dict.
+
+        Args:
+            waveforms: [B, S]; lengths: [B] valid samples or None.
+            tokens: [B, U] token ids padded with -1 (blank = 0), token_lens: [B]; None = no loss.
+            subnet: the subnet to run (None = the whole float model).
+            return_ctc_log_probs: with tokens, also return ``ctc_log_probs`` [B, T, V] and
+                ``enc_lens`` [B] (for distillation between subnets).
+        Returns:
+            without tokens: (logits [B, T, V], out_lengths [B] valid frames, or None when
+            ``lengths`` is None); with tokens: dict with ``loss`` (= ``loss_ctc``, ESPnet's
+            CTC loss: utterance sums / batch size), ``loss_ctc``, ``loss_att`` = ``acc`` = None.
+        """
+        enc, out_lengths = self.encode(waveforms, lengths, subnet)
+        if tokens is None:
+            return self.logits(enc), out_lengths
+        if lengths is None or token_lens is None:
+            raise ValueError("a training loss needs lengths and token_lens")
+        tokens = tokens[:, : int(token_lens.max())]
+        log_probs = self.ctc_log_probs(enc)  # once: final_dropout must be the same in loss and KL
+        loss = ctc_loss(log_probs, out_lengths, tokens, token_lens).to(enc.dtype)
+        out = {"loss": loss, "loss_ctc": loss, "loss_att": None, "acc": None}
+        if return_ctc_log_probs:
+            out["ctc_log_probs"], out["enc_lens"] = log_probs, out_lengths
+        return out

@@ -2,7 +2,9 @@
 
 A config file is omegaconf YAML whose keys mirror these dataclasses; unknown keys are an
 error (a typo must not silently fall back to a default). ``model`` stays a plain dict and
-is turned into :class:`allinone.models.asr.ASRModelConfig` once the vocabulary is known.
+is turned into :class:`allinone.models.asr.ASRModelConfig` once the vocabulary is known,
+or, with ``model.kind: wav2vec2``, read as a :class:`Wav2Vec2Section` (a wav2vec2 /
+HuBERT CTC model on raw waveforms; docs/wav2vec2.md).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class OptimSection:
 class TrainSection:
     max_epochs: int = 50
     max_frames: int = 20000  # padded input frames per batch (per GPU)
+    max_samples: int = 1_600_000  # padded waveform samples per batch (per GPU) of waveform models: 100 s
     bf16: bool = True  # autocast on CUDA; ignored on CPU
     seed: int = 0
     log_every: int = 20
@@ -76,6 +79,60 @@ class TrainSection:
     # Stop after this much training time (0 = no limit) and still validate, average and save;
     # for fixed-budget comparisons and machines lent for a limited time.
     time_limit_minutes: float = 0.0
+
+
+MODEL_KINDS = ("conformer", "wav2vec2")
+
+
+@dataclass
+class Wav2Vec2Section:
+    """``model:`` of a wav2vec2 / HuBERT CTC model (``kind: wav2vec2``).
+
+    wav2vec2: ``Wav2Vec2Config`` fields (``vocab_size`` comes from the tokenizer). With
+        ``init_from`` the architecture is the checkpoint's and only dropout / layer-drop
+        fields may be given here.
+    init_from: a local Hugging Face ``Wav2Vec2ForCTC`` / ``HubertForCTC`` directory or a
+        fairseq wav2vec2 / HuBERT checkpoint (pretraining or fine-tuned); the CTC head is
+        always new, sized for the tokenizer.
+    trust_pickle: let ``init_from`` unpickle a fairseq checkpoint in full (runs code
+        from the file; see allinone.interop.fairseq).
+    freeze_feature_extractor: the CNN feature extractor gets no gradient (and no optimizer state).
+    layer_lr_decay: layer-wise learning-rate decay: transformer layer i (0-based) of L
+        trains at lr * decay ** (L - i), the CTC head (and, pre-LN, the final LayerNorm)
+        at lr, the feature extractor, projection and positional convolution at
+        lr * decay ** (L + 1).  1.0 = one learning rate.
+    normalize_waveform: zero-mean unit-variance waveforms per utterance (the front end
+        saved with the model applies it at decoding too); true for models pretrained on
+        normalised audio (fairseq ``task.normalize``, HF ``do_normalize``: the large/lv60 ones).
+    """
+
+    kind: str = "wav2vec2"
+    wav2vec2: dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None
+    trust_pickle: bool = False
+    freeze_feature_extractor: bool = True
+    layer_lr_decay: float = 1.0
+    normalize_waveform: bool = False
+
+
+def model_kind(model: dict) -> str:
+    """``model.kind`` of a config's model section (default ``conformer``); ``ValueError`` if unknown."""
+    kind = model.get("kind", "conformer")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind={kind!r} is not one of {', '.join(map(repr, MODEL_KINDS))}")
+    return kind
+
+
+def wav2vec2_section(model: dict) -> Wav2Vec2Section:
+    """The model section of a ``kind: wav2vec2`` config, keys and types checked."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Wav2Vec2Section), OmegaConf.create(dict(model)))
+        section = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid model section (kind: wav2vec2): {e}") from None
+    if not 0.0 < section.layer_lr_decay <= 1.0:
+        raise ValueError(f"model.layer_lr_decay={section.layer_lr_decay} must be in (0, 1]")
+    return section
 
 
 @dataclass

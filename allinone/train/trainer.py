@@ -8,6 +8,12 @@ it trains with DistributedDataParallel (one process per GPU).
 
 What one training step does for a batch is a *strategy* (``allinone.train.strategies``):
 the plain model runs one forward/backward; supernet strategies run several subnets.
+
+With ``model.kind: wav2vec2`` the model is a wav2vec2 / HuBERT CTC model
+(``allinone.models.wav2vec2``) fed raw waveforms: the data are cached waveforms instead of
+features (no CMVN, no SpecAugment), batches hold at most ``train.max_samples`` padded
+samples, the model may start from a Hugging Face or fairseq checkpoint, its feature
+extractor may be frozen, and its layers may train at decaying learning rates.
 """
 
 from __future__ import annotations
@@ -70,14 +76,17 @@ def pick_device(choice: str) -> torch.device:
 def prepare_data(cfg: ExperimentConfig, exp_dir: Path):
     """Tokenizer, features and CMVN statistics for an experiment (all cached, so reruns are fast).
 
-    Returns (tokenizer, train_dataset, valid_dataset, cmvn_stats).
+    Returns (tokenizer, train_dataset, valid_dataset, cmvn_stats); for a waveform model
+    the datasets hold waveforms and cmvn_stats is None.
     """
     from allinone.data import dataset as ds
     from allinone.data.features import compute_cmvn_stats, load_cmvn_stats, save_cmvn_stats
     from allinone.data.kaldi import read_data_dir
     from allinone.data.tokenizer import load_tokenizer, train_tokenizer
 
-    fbank = fbank_config(cfg)
+    fbank = front_end_config(cfg)
+    waveforms = isinstance(fbank, ds.WaveformConfig)
+    suffix = ".wav.pt" if waveforms else ".pt"  # the two kinds of cache must not overwrite each other
     train_utts = read_data_dir(cfg.data.train, skip_bad=cfg.data.skip_bad)
     valid_utts = read_data_dir(cfg.data.valid, skip_bad=cfg.data.skip_bad)
 
@@ -93,12 +102,14 @@ def prepare_data(cfg: ExperimentConfig, exp_dir: Path):
                                     cfg.tokenizer.vocab_size, tok_dir)
     cache = Path(cfg.data.feat_cache_dir)
     train_feats = ds.extract_features(train_utts, fbank, cfg.data.num_workers,
-                                      cache_path=cache / f"{_tag(cfg.data.train)}.pt",
+                                      cache_path=cache / f"{_tag(cfg.data.train)}{suffix}",
                                       skip_bad=cfg.data.skip_bad, speed_factors=cfg.data.speed_perturb)
     valid_feats = ds.extract_features(valid_utts, fbank, cfg.data.num_workers,
-                                      cache_path=cache / f"{_tag(cfg.data.valid)}.pt", skip_bad=cfg.data.skip_bad)
+                                      cache_path=cache / f"{_tag(cfg.data.valid)}{suffix}", skip_bad=cfg.data.skip_bad)
     stats_path = exp_dir / "feats_stats.npz"
-    if stats_path.is_file():
+    if waveforms:
+        stats = None  # wav2vec2 normalises inside (and per utterance with normalize_waveform)
+    elif stats_path.is_file():
         stats = load_cmvn_stats(stats_path)
     else:
         # Statistics from the original (unperturbed) training utterances, as ESPnet does.
@@ -132,10 +143,17 @@ def make_loader(dataset, max_frames: int, shuffle: bool, seed: int):
 def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     """The model of ``cfg``; with a ``supernet`` section, a supernet ready to train
     (quantizers from ``supernet.quant``, optional ``init_from`` weights sorted by importance,
-    scales set, search space attached: see docs/supernet.md)."""
+    scales set, search space attached: see docs/supernet.md).  ``model.kind: wav2vec2``
+    builds a ``Wav2Vec2CTCModel`` (``build_wav2vec2``)."""
     from allinone.models.asr import ASRModel, ASRModelConfig
+    from allinone.train.config import model_kind
 
-    model_cfg = dict(cfg.model)
+    if model_kind(cfg.model) == "wav2vec2":
+        if cfg.supernet:
+            raise ValueError("supernet training of wav2vec2 models is not wired into the trainer yet; "
+                             "remove the supernet section")
+        return build_wav2vec2(cfg, vocab_size)
+    model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
     model_cfg["vocab_size"] = vocab_size
     model_cfg.setdefault("encoder", {})
     model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
@@ -153,6 +171,102 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
 
         init_supernet(model, opts.space, opts.init_from, opts.reorder)
     return model
+
+
+def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int):
+    """A ``Wav2Vec2CTCModel`` from ``model.wav2vec2`` (random weights), or from the checkpoint
+    ``model.init_from`` with a new CTC head of ``vocab_size`` outputs; the feature extractor
+    is frozen with ``model.freeze_feature_extractor``."""
+    import dataclasses
+
+    from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
+    from allinone.train.config import wav2vec2_section
+
+    section = wav2vec2_section(cfg.model)
+    fields = dict(section.wav2vec2)
+    if "vocab_size" in fields:
+        raise ValueError("model.wav2vec2.vocab_size is set by the tokenizer; remove it")
+    if section.init_from is None:
+        model = Wav2Vec2CTCModel(Wav2Vec2Config.from_dict({**fields, "vocab_size": vocab_size}))
+    else:
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Wav2Vec2Config)})
+        if unknown:
+            raise ValueError(f"unknown Wav2Vec2Config fields: {unknown}")
+        # Only training-time settings may differ from the checkpoint's architecture.
+        not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k == "encoder_layer_drop"))
+        if not_tunable:
+            raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
+                             "checkpoint's; only *_dropout and encoder_layer_drop can be set")
+        source, info = _load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
+        model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields))
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith("aux.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if sorted(missing) != ["aux.bias", "aux.weight"] or unexpected:  # cannot happen: same config
+            raise RuntimeError(f"init_from did not fit: missing {missing}, unexpected {unexpected}")
+        if info.get("normalize") is not None and info["normalize"] != section.normalize_waveform:
+            logger.warning("%s was trained with normalize=%s but model.normalize_waveform=%s",
+                           section.init_from, info["normalize"], section.normalize_waveform)
+        logger.info("initialised from %s (%s); new CTC head of %d outputs", section.init_from,
+                    info.get("model_name") or info.get("architecture"), vocab_size)
+    if section.freeze_feature_extractor:
+        # No gradient: autograd builds no graph through the convolutions (the waveform
+        # needs none), which also saves most of their activation memory.
+        model.feature_extractor.requires_grad_(False)
+    return model
+
+
+def _load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool):
+    """(model, info) of a local HF directory or fairseq checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        from allinone.interop.huggingface import load_hf_ctc
+
+        model, info = load_hf_ctc(p)
+        pre = p / "preprocessor_config.json"  # HF keeps do_normalize with the feature extractor
+        info["normalize"] = bool(json.loads(pre.read_text()).get("do_normalize")) if pre.is_file() else None
+        return model, info
+    if p.is_file():
+        from allinone.interop.fairseq import load_fairseq_ctc
+
+        return load_fairseq_ctc(p, vocab_size=vocab_size, trust_pickle=trust_pickle)
+    raise ValueError(f"model.init_from {path} is neither a Hugging Face directory nor a fairseq checkpoint file")
+
+
+def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
+    """AdamW parameter groups: no weight decay on norms and biases (parameters of < 2 dims),
+    frozen parameters left out, and for wav2vec2 models with ``model.layer_lr_decay`` < 1 one
+    group per learning-rate scale.  Each group's ``lr_scale`` multiplies the scheduled lr."""
+    from allinone.train.config import model_kind, wav2vec2_section
+
+    decay_rate = 1.0
+    if model_kind(cfg.model) == "wav2vec2":
+        decay_rate = wav2vec2_section(cfg.model).layer_lr_decay
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = decay_rate ** wav2vec2_lr_depth(model, name) if decay_rate != 1.0 else 1.0
+        groups.setdefault((scale, p.ndim < 2), []).append(p)
+    return [{"params": params, "lr_scale": scale, "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
+            for (scale, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
+
+
+def wav2vec2_lr_depth(model, name: str) -> int:
+    """How many decay steps below the top the parameter ``name`` of a ``Wav2Vec2CTCModel``
+    sits: 0 for the CTC head, L - i for transformer layer i of L, L + 1 for everything
+    below the first layer (extractor, projection, positional convolution)."""
+    import re
+
+    n = model.config.encoder_num_layers
+    m = re.match(r"encoder\.transformer\.layers\.(\d+)\.", name)
+    if m:
+        return n - int(m.group(1))
+    if name.startswith("aux."):
+        return 0
+    if name.startswith("encoder.transformer.layer_norm."):
+        # Pre-LN applies it after the last layer; post-LN right after the positional embedding.
+        return 0 if model.config.encoder_layer_norm_first else n + 1
+    return n + 1
 
 
 def warmup_lr(step: int, warmup: int) -> float:
@@ -209,6 +323,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     """Train the model of ``cfg``; returns the directory of the final (averaged) model."""
     from allinone.models.saved import save_model_dir
+    from allinone.train.config import model_kind
     from allinone.train.strategies import build_strategy
 
     exp_dir = Path(cfg.exp_dir)
@@ -243,17 +358,16 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     strategy = build_strategy(cfg.supernet, model, seed=cfg.train.seed, base_lr=cfg.optim.lr)
     ddp_model = DistributedDataParallel(model, find_unused_parameters=strategy.skips_parameters) \
         if world > 1 else model
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)  # no weight decay on norms and biases
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    specaug = build_specaug(cfg) if cfg.specaug.enabled else None
+    optim = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    waveforms = model_kind(cfg.model) == "wav2vec2"
+    specaug = build_specaug(cfg) if cfg.specaug.enabled and not waveforms else None
+    if cfg.specaug.enabled and waveforms:
+        logger.info("specaug is for fbank features: not applied to the waveforms of a wav2vec2 model")
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
 
-    train_loader, train_sampler = make_loader(train_set, cfg.train.max_frames, True, cfg.train.seed)
-    valid_loader, _ = make_loader(valid_set, cfg.train.max_frames, False, cfg.train.seed)
+    budget = cfg.train.max_samples if waveforms else cfg.train.max_frames
+    train_loader, train_sampler = make_loader(train_set, budget, True, cfg.train.seed)
+    valid_loader, _ = make_loader(valid_set, budget, False, cfg.train.seed)
 
     state = {"epoch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
     if resume and ckpt_path.exists():
@@ -294,7 +408,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 continue
             lr = cfg.optim.lr * warmup_lr(state["step"] + 1, cfg.optim.warmup_steps)
             for g in optim.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # (checkpoints of older runs have no lr_scale)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             if torch.isfinite(grad_norm):
                 optim.step()
@@ -347,7 +461,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         model.load_state_dict(average_checkpoints(paths))
         if hasattr(strategy, "finalize"):  # e.g. mixed precision: allocation.json, timing.json
             strategy.finalize(model, exp_dir, train_seconds=state["elapsed_s"], world_size=world)
-        save_model_dir(final_dir, model, fbank_config(cfg), tokenizer,
+        save_model_dir(final_dir, model, front_end_config(cfg), tokenizer,
                        extra={"averaged_epochs": [h["epoch"] for h in best],
                               "train_seconds": state["elapsed_s"], "steps": state["step"]})
         with atomic_open(exp_dir / "history.json") as f:
@@ -374,6 +488,17 @@ def fbank_config(cfg: ExperimentConfig):
     return FbankConfig(**asdict(cfg.data.fbank))
 
 
+def front_end_config(cfg: ExperimentConfig):
+    """What the model reads: ``FbankConfig``, or for ``model.kind: wav2vec2`` a
+    ``WaveformConfig`` at ``data.fbank.sample_rate``."""
+    from allinone.data.dataset import WaveformConfig
+    from allinone.train.config import model_kind, wav2vec2_section
+
+    if model_kind(cfg.model) == "wav2vec2":
+        return WaveformConfig(cfg.data.fbank.sample_rate, wav2vec2_section(cfg.model).normalize_waveform)
+    return fbank_config(cfg)
+
+
 def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> None:
     """Keep only the epoch checkpoints that can still be among the best ``keep``."""
     best = {h["epoch"] for h in sorted(history, key=lambda h: h["valid_loss"])[:keep]}
@@ -382,4 +507,5 @@ def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> No
             (exp_dir / f"epoch{h['epoch']}.pt").unlink(missing_ok=True)
 
 
-__all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model"]
+__all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model", "build_wav2vec2",
+           "param_groups", "front_end_config"]

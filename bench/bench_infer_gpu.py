@@ -1,0 +1,99 @@
+"""GPU inference latency of an exported Conformer: fp32, bf16, int8, with and without CUDA graphs (issue 9).
+
+The model is the Switchboard-size encoder (12 x 256, 4 heads, FFN 2048, kernel 31) + CTC
+over 2003 units with random weights (latency does not depend on what the weights learned).
+Its int8 twin has every Linear of the encoder quantized to 8 bits per output channel and
+routed to ``torch._int_mm`` (int8 weights, per-row int8 activations) exactly as the
+``cuda-int8`` backend of ``allinone bench`` does (``allinone.eval.latency.int8_model``).
+
+Timed: encoder + CTC log-probabilities (what every decoder runs first), for a batch of one
+5 s utterance (on-device streaming-free recognition) and a batch of 32 x 10 s (server
+throughput). "compiled" rows use ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+which removes the kernel-launch overhead that dominates at batch one.
+
+Run:  python bench/bench_infer_gpu.py            (needs a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from allinone.eval.latency import int8_model
+from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.models.conformer import ConformerConfig
+from allinone.quant.quantizer import QuantizedTensor
+
+
+def median_ms(fn, repeats: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def int8_twin(model: ASRModel) -> ASRModel:
+    """A copy whose encoder Linears run on int8 kernels (8-bit per-channel codes of the float weights)."""
+    twin = copy.deepcopy(model)
+    quantized = {f"{name}.weight": QuantizedTensor.from_weight(mod.weight, 8, per_channel=True)
+                 for name, mod in twin.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and name.startswith("encoder.encoders.")}
+    routed = int8_model(twin, quantized)
+    assert len(routed) == len(quantized), "every encoder Linear must be routed to int8"
+    return twin
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph rows")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_infer_gpu.py needs a GPU")
+    torch.manual_seed(0)
+    enc = ConformerConfig(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31)
+    model = ASRModel(ASRModelConfig(encoder=enc, vocab_size=2003)).eval().cuda()
+    variants = {"fp32": (model, False), "bf16": (model, True), "int8": (int8_twin(model), False)}
+
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; encoder 12 x 256, FFN 2048\n")
+    print("| batch | variant | ms (eager) | ms (CUDA graphs) | vs bf16 eager |")
+    print("|---|---|---:|---:|---:|")
+    for batch, frames in ((1, 500), (32, 1000)):
+        feats = torch.randn(batch, frames, 80, device="cuda")
+        lens = torch.full((batch,), frames, device="cuda")
+        results = {}
+        for name, (m, bf16) in variants.items():
+            def forward(f, n, m=m, bf16=bf16):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    enc_out, _ = m.encode(f, n)
+                    return m.ctc_log_probs(enc_out)
+
+            with torch.no_grad():
+                eager = median_ms(lambda: forward(feats, lens), args.repeats)
+                graphed = float("nan")
+                if not args.no_compile:
+                    try:
+                        compiled = torch.compile(forward, mode="reduce-overhead", dynamic=False)
+                        graphed = median_ms(lambda: compiled(feats, lens), args.repeats)
+                    except Exception as e:  # a variant that cannot be compiled is a finding: report it
+                        print(f"<!-- {name} batch {batch}: torch.compile failed: {type(e).__name__}: "
+                              f"{str(e)[:300]} -->")
+                        torch._dynamo.reset()
+            results[name] = (eager, graphed)
+        ref = results["bf16"][0]
+        for name, (eager, graphed) in results.items():
+            print(f"| {batch} x {frames / 100:.0f} s | {name} | {eager:.2f} | {graphed:.2f} | {eager / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
