@@ -1,0 +1,95 @@
+"""Multi-GPU data-parallel throughput of a training step (issue 9, item 2).
+
+Runs under torchrun, one process per GPU, torch DDP over NCCL (gloo on CPU), the same
+per-GPU batch on every rank (weak scaling, as training with a per-GPU frame budget does).
+Model: the Switchboard-size Conformer (12 x 256, FFN 2048) + CTC over 2003 units, or the
+so762 size with --preset so762; bf16 autocast; AdamW. Prints one markdown row (from rank
+0): GPUs, ms per step (median), utterances/s over all ranks.
+
+Run:
+    torchrun --standalone --nproc_per_node=1 bench/bench_ddp.py
+    torchrun --standalone --nproc_per_node=2 bench/bench_ddp.py
+Scaling = utterances/s on N GPUs / utterances/s on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.models.conformer import ConformerConfig
+
+PRESETS = {
+    "swbd": (dict(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31),
+             32, 1000, 2003),
+    "so762": (dict(output_size=176, attention_heads=4, linear_units=704, num_blocks=12, cnn_module_kernel=15),
+              28, 450, 300),
+    "tiny": (dict(output_size=64, attention_heads=4, linear_units=128, num_blocks=2, cnn_module_kernel=7),
+             4, 200, 50),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="swbd")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+
+    enc_kwargs, batch, frames, vocab = PRESETS[args.preset]
+    torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = ASRModel(ASRModelConfig(encoder=ConformerConfig(**enc_kwargs), vocab_size=vocab)).to(dev)
+    ddp = DistributedDataParallel(model, device_ids=[local] if cuda else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator(device="cpu").manual_seed(1000 + rank)  # each rank its own data
+    feats = torch.randn(batch, frames, 80, generator=g).to(dev)
+    lens = torch.full((batch,), frames, dtype=torch.long, device=dev)
+    tokens = torch.randint(1, vocab - 1, (batch, frames // 40), generator=g).to(dev)
+    tok_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = ddp(feats, lens, tokens, tok_lens)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    # A step is as slow as its slowest rank.
+    med = torch.tensor(statistics.median(times), device=dev)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        ms = 1000 * med.item()
+        print(f"| {args.preset} | {world} x {name} | {ms:.1f} | {world * batch / med.item():.0f} |", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
