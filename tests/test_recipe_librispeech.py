@@ -1,5 +1,5 @@
 """egs/librispeech_100/asr1/run.sh on the shipped LibriSpeech samples laid out as a miniature
-corpus (train-clean-100, dev-clean, test-clean), its input checks and the --init_from error."""
+corpus (train-clean-100, dev-clean, test-clean), its input checks and --init_from (CTC fine-tuning of a wav2vec2/HuBERT checkpoint)."""
 
 from __future__ import annotations
 
@@ -78,10 +78,41 @@ def test_missing_root_and_transcripts(mini_librispeech, tmp_path):
     assert r.returncode != 0 and "is not a LibriSpeech subset folder" in r.stdout + r.stderr
 
 
-def test_init_from_is_a_clear_error(mini_librispeech, tmp_path):
+def test_init_from_bad_checkpoint_is_a_clear_error(mini_librispeech, tmp_path):
     ckpt = tmp_path / "hubert_base.pt"
     ckpt.write_bytes(b"not really")
     r = run(["--librispeech", mini_librispeech, "--init_from", ckpt], tmp_path)
     assert r.returncode != 0
-    assert "starting from a wav2vec2/HuBERT checkpoint is not supported yet" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "data").exists()
+    assert f"--init_from {ckpt} is not a usable wav2vec2/HuBERT checkpoint" in r.stderr
+    assert "error: " in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "data").exists()
+    r = run(["--librispeech", mini_librispeech, "--init_from", tmp_path / "none"], tmp_path)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_init_from_hugging_face_fine_tunes_and_decodes(mini_librispeech, tmp_path):
+    """--init_from a local Wav2Vec2ForCTC directory: CTC fine-tuning (frozen extractor) replaces
+    the Conformer, and stage 4 decodes and scores the fine-tuned model."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from allinone.models.saved import load_model_dir
+
+    torch.manual_seed(0)
+    hf = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        vocab_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4))
+    hf.save_pretrained(tmp_path / "hf")
+    r = run(["--librispeech", mini_librispeech, "--allow_missing_subsets", "true", "--speed_perturb", "1.0",
+             "--init_from", tmp_path / "hf", "--config", "conf/finetune_tiny.yaml"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = tmp_path / "exp" / "asr_finetune_tiny"
+    loaded = load_model_dir(exp / "final")
+    assert type(loaded.model).__name__ == "Wav2Vec2CTCModel"
+    # the frozen extractor is the checkpoint's; the head is new, sized for the character tokenizer
+    torch.testing.assert_close(loaded.model.feature_extractor.conv_layers[1].conv.weight,
+                               hf.wav2vec2.feature_extractor.conv_layers[1].conv.weight)
+    assert loaded.model.aux.out_features == loaded.tokenizer.vocab_size != 7
+    wer = json.loads((exp / "decode_beam1" / "test_clean" / "wer.json").read_text())
+    assert wer["sentences"] == 3
+    assert "|test_clean|3|" in (tmp_path / "exp" / "RESULTS.md").read_text()

@@ -6,7 +6,9 @@
 #
 #   ./run.sh --librispeech /path/to/LibriSpeech
 #   ./run.sh --librispeech /path/to/LibriSpeech --speed_perturb "1.0"     # no perturbation
-#   ./run.sh --librispeech ... --init_from /path/to/hubert_or_wav2vec2    # not supported yet
+#   ./run.sh --librispeech ... --init_from /path/to/hubert_or_wav2vec2    # CTC fine-tuning instead
+#     (a local Hugging Face Wav2Vec2ForCTC / HubertForCTC directory or a fairseq checkpoint;
+#      config conf/finetune_wav2vec2.yaml unless --config is given)
 # A finished stage is not redone; an interrupted training resumes. Logs: <exp>/log/stageN_*.log.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,8 +18,9 @@ stop_stage=4
 librispeech=               # the LibriSpeech folder holding train-clean-100/, dev-clean/, ...
 allow_missing_subsets=false  # true: use only the evaluation subsets present (tests)
 speed_perturb="0.9 1.0 1.1"
-init_from=                 # a local wav2vec2 / HuBERT checkpoint to start from (not supported yet)
-config=conf/train_conformer.yaml
+init_from=                 # a local wav2vec2 / HuBERT checkpoint to fine-tune instead of the Conformer
+trust_pickle=false         # true: allow a fairseq checkpoint's pickled objects (only for files you trust)
+config=                    # default: conf/train_conformer.yaml, or conf/finetune_wav2vec2.yaml with --init_from
 train_opts=""              # extra key=value overrides, e.g. "train.max_epochs=35"
 datadir=data
 dumpdir=dump
@@ -36,18 +39,32 @@ python=../../../.venv/bin/python
 
 [ -x "$python" ] || python=$(command -v python3)
 [ "$device" != auto ] || device=$("$python" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+if [ -n "$init_from" ]; then
+  # Checked first: a user asking for a pretrained start must not get a from-scratch model.
+  [ -e "$init_from" ] || die "--init_from $init_from does not exist (a Hugging Face model directory or a fairseq checkpoint file)"
+  # Load it once now (seconds): a wrong file must fail before hours of data preparation.
+  "$python" - "$init_from" "$trust_pickle" <<'EOF' || die "--init_from $init_from is not a usable wav2vec2/HuBERT checkpoint (reason above)"
+import sys
+from pathlib import Path
+path, trust = Path(sys.argv[1]), sys.argv[2] == "true"
+try:
+    if path.is_dir():
+        from allinone.interop.huggingface import load_hf_ctc
+        load_hf_ctc(path)
+    else:
+        from allinone.interop.fairseq import load_fairseq_ctc
+        load_fairseq_ctc(path, vocab_size=2, trust_pickle=trust)
+except ValueError as e:
+    sys.exit(f"error: {e}")
+EOF
+  config=${config:-conf/finetune_wav2vec2.yaml}
+  train_opts="model.init_from=$(cd "$(dirname "$init_from")" && pwd)/$(basename "$init_from") model.trust_pickle=$trust_pickle $train_opts"
+fi
+config=${config:-conf/train_conformer.yaml}
 require_file "$config" "training config (--config)"
 asr_exp=$expdir/asr_$(basename "$config" .yaml)
 sp_list="[$(echo $speed_perturb | tr ' ' ',')]"
 common="data.train=$datadir/train_clean_100 data.valid=$datadir/dev data.feat_cache_dir=$dumpdir/feats data.num_workers=$nj data.speed_perturb=$sp_list"
-
-if [ -n "$init_from" ]; then
-  # Checked first: a user asking for a pretrained start must not get a from-scratch model.
-  [ -e "$init_from" ] || die "--init_from $init_from does not exist"
-  "$python" -c "import allinone.interop.wav2vec2" 2>/dev/null || \
-    die "--init_from: starting from a wav2vec2/HuBERT checkpoint is not supported yet (allinone has no wav2vec2/HuBERT loader; see issue 7). Run without --init_from to train the Conformer from scratch."
-  die "--init_from: a wav2vec2/HuBERT loader exists, but this recipe does not use it yet; see issue 7"
-fi
 
 if run_stage 1 "data preparation (LibriSpeech: ${librispeech:-unset} -> $datadir)"; then
   sig="librispeech=$librispeech allow_missing=$allow_missing_subsets"
