@@ -23,15 +23,14 @@ import argparse
 import os
 import statistics
 import time
-
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.elastic.supernet import init_supernet
+from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.train.strategies import build_strategy
 
