@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import torch
 
+from allinone.interop.keymap import apply_rename
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
 
 __all__ = ["load_fairseq_ctc", "read_fairseq_checkpoint", "fairseq_to_config", "map_fairseq_state_dict",
@@ -280,15 +281,7 @@ def map_fairseq_state_dict(state: Mapping[str, torch.Tensor],
         if _PRETRAINING_ONLY.match(rest):
             ignored.append(key)
             continue
-        for pattern, repl in _RENAMES:
-            new, n = re.subn(pattern, repl, rest)
-            if n:
-                if new in out:
-                    raise ValueError(f"checkpoint has both {sources[new]!r} and {key!r} for the same weight")
-                out[new] = value
-                sources[new] = key
-                break
-        else:
+        if not apply_rename(_RENAMES, rest, key, value, out, sources):
             unknown.append(key)
     if unknown:
         raise ValueError(f"checkpoint has weights this model does not have: {sorted(unknown)}")

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from allinone.interop.keymap import apply_rename
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
 
 __all__ = ["load_hf_ctc", "hf_to_config", "map_hf_state_dict", "HF_ARCHITECTURES", "HF_DEFAULTS"]
@@ -183,15 +183,7 @@ def map_hf_state_dict(state: Mapping[str, torch.Tensor],
         if rest in _IGNORED:
             ignored.append(key)
             continue
-        for pattern, repl in _RENAMES:
-            new, n = re.subn(pattern, repl, rest)
-            if n:
-                if new in out:
-                    raise ValueError(f"checkpoint has both {sources[new]!r} and {key!r} for the same weight")
-                out[new] = value
-                sources[new] = key
-                break
-        else:
+        if not apply_rename(_RENAMES, rest, key, value, out, sources):
             unknown.append(key)
     if unknown:
         raise ValueError(f"checkpoint has weights this model does not have: {sorted(unknown)}")
