@@ -18,6 +18,12 @@ Rows:
 
 Run on a GPU:   python bench/bench_train_step.py --device cuda --compile [--preset so762]
 Smoke test:     python bench/bench_train_step.py --preset tiny --device cpu
+Op counts:      add --profile: one more step per row under torch.profiler, which prints per row
+                the operator calls (top-level aten ops, all aten ops including nested ones),
+                the CUDA kernels launched, and the host-device synchronisations of one step
+                (on CUDA the cudaStreamSynchronize / cudaDeviceSynchronize /
+                cudaEventSynchronize calls, on the CPU the item / is_nonzero calls that would
+                synchronise on a GPU); the optimizer's operators are counted apart.
 """
 
 from __future__ import annotations
@@ -72,6 +78,49 @@ def timed(step, warmup: int, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+_OPT_REGION = "bench::optimizer_step"
+_SYNC_OPS = ("aten::item", "aten::is_nonzero", "aten::_local_scalar_dense")
+_SYNC_RUNTIME = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def step_op_counts(step, device: str) -> dict[str, int]:
+    """Operator calls, CUDA kernels and host-device synchronisations of one ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    top = total = kernels = opt_ops = 0
+    item_ops = runtime_syncs = 0
+    for e in prof.events():
+        name = e.name
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            continue
+        parent, in_opt = e.cpu_parent, False
+        while parent is not None and not in_opt:
+            in_opt, parent = parent.name == _OPT_REGION, parent.cpu_parent
+        if in_opt:  # the optimizer (its CPU step counters' item() are no device syncs)
+            opt_ops += name.startswith("aten::")
+            continue
+        if name.startswith("aten::"):
+            total += 1
+            parent = e.cpu_parent
+            if parent is None or not parent.name.startswith("aten::"):
+                top += 1
+                item_ops += name in _SYNC_OPS
+        elif name in _SYNC_RUNTIME:
+            runtime_syncs += 1
+    # On CUDA every synchronising runtime call counts (also those inside other operators,
+    # such as nonzero for boolean indexing), less the profiler's own synchronize() above;
+    # on the CPU, where nothing waits, the item()-like calls that would synchronise.
+    syncs = runtime_syncs - 1 if device == "cuda" else item_ops
+    return {"aten_top": top, "aten_all": total, "cuda_kernels": kernels, "syncs": syncs,
+            "optimizer_aten": opt_ops}
+
+
 def make_step(forward, params, device: str):
     """One training step: forward under bf16 autocast, backward, AdamW update."""
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -80,8 +129,9 @@ def make_step(forward, params, device: str):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = forward()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(_OPT_REGION):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -95,6 +145,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-espnet", action="store_true", help="leave out the ESPnet rows (also when espnet is missing)")
+    p.add_argument("--profile", action="store_true",
+                   help="also count operator calls, CUDA kernels and synchronisations of one step per row")
     args = p.parse_args()
     dev = args.device
     torch.manual_seed(0)
@@ -107,28 +160,36 @@ def main() -> None:
     tok_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=dev)
 
     rows: list[tuple[str, float, float]] = []  # (name, ms, peak GiB)
+    op_counts: dict[str, dict[str, int]] = {}
 
     def add(name: str, step) -> None:
         ms = timed(step, args.warmup, args.repeats, dev)
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
         rows.append((name, ms, mem))
+        if args.profile:
+            op_counts[name] = step_op_counts(step, dev)
 
     # ESPnet's encoder + CTC, the reference.
-    from espnet2.asr.ctc import CTC
-    from espnet2.asr.encoder.conformer_encoder import ConformerEncoder as EspnetEncoder
+    try:
+        if args.no_espnet:
+            raise ImportError("--no-espnet")
+        from espnet2.asr.ctc import CTC
+        from espnet2.asr.encoder.conformer_encoder import ConformerEncoder as EspnetEncoder
+    except ImportError as e:
+        print(f"(no ESPnet rows: {e})")
+    else:
+        esp_enc = EspnetEncoder(**enc.espnet_kwargs()).to(dev)
+        esp_ctc = CTC(vocab, enc.output_size).to(dev)
 
-    esp_enc = EspnetEncoder(**enc.espnet_kwargs()).to(dev)
-    esp_ctc = CTC(vocab, enc.output_size).to(dev)
+        def espnet_forward(encoder=esp_enc):
+            h, hl, _ = encoder(feats, lens)
+            return esp_ctc(h, hl, tokens, tok_lens)
 
-    def espnet_forward(encoder=esp_enc):
-        h, hl, _ = encoder(feats, lens)
-        return esp_ctc(h, hl, tokens, tok_lens)
-
-    params = list(esp_enc.parameters()) + list(esp_ctc.parameters())
-    add("espnet eager", make_step(espnet_forward, params, dev))
-    if args.compile:
-        compiled = torch.compile(esp_enc)
-        add("espnet compiled", make_step(lambda: espnet_forward(compiled), params, dev))
+        params = list(esp_enc.parameters()) + list(esp_ctc.parameters())
+        add("espnet eager", make_step(espnet_forward, params, dev))
+        if args.compile:
+            compiled = torch.compile(esp_enc)
+            add("espnet compiled", make_step(lambda: espnet_forward(compiled), params, dev))
 
     plain = ASRModel(ASRModelConfig(encoder=enc, vocab_size=vocab)).to(dev)
     plain_step = make_step(lambda: plain(feats, lens, tokens, tok_lens)["loss"], plain.parameters(), dev)
@@ -161,8 +222,9 @@ def main() -> None:
 
     def sandwich_step():
         strategy.step(sup, sup, batch_dict, use_bf16=dev == "cuda", loss_scale=1.0, sync_grads=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function(_OPT_REGION):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     add("sandwich (largest + smallest + 1 random)", sandwich_step)
 
@@ -177,6 +239,14 @@ def main() -> None:
     for row, ms, mem in rows:
         mfu = flops / (ms / 1000) / (args.peak_tflops * 1e12)
         print(f"| {row} | {ms:.1f} | {ms / base:.2f}x | {1000 * batch / ms:.0f} | {mem:.2f} | {100 * mfu:.1f}% |")
+    if op_counts:
+        print("\nOne step, profiled; aten ops and syncs of the forward + backward (the optimizer's "
+              "aten ops apart), CUDA kernels of the whole step:")
+        print("| step | aten ops (top-level) | aten ops (all) | syncs | optimizer aten ops | CUDA kernels |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row, c in op_counts.items():
+            kern = c["cuda_kernels"] if dev == "cuda" else "-"
+            print(f"| {row} | {c['aten_top']} | {c['aten_all']} | {c['syncs']} | {c['optimizer_aten']} | {kern} |")
     # The sandwich's random subnet changes every step; its expected cost is taken as the mean
     # of the largest and smallest steps.
     single = ms_of["supernet largest float"] + ms_of["supernet smallest"]

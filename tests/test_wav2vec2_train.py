@@ -205,8 +205,12 @@ def test_config_errors(digits, tmp_path):
     with pytest.raises(ValueError, match="layer_lr_decay"):
         build_model(w2v_config(digits, tmp_path, {"wav2vec2": TINY_W2V, "layer_lr_decay": 0.0}), 5, None)
     cfg = w2v_config(digits, tmp_path, {"wav2vec2": TINY_W2V})
-    cfg.supernet = {"space": {}}
-    with pytest.raises(ValueError, match="supernet training of wav2vec2"):
+    cfg.supernet = {"space": {"depth": [2], "ffn": [64], "heads": [2], "bits": [32, 8]}, "quant": {"bits": [8]},
+                    "extractor_bits": 4}
+    with pytest.raises(ValueError, match="extractor_bits=4 needs a quant section with that bit-width"):
+        build_model(cfg, 5, None)  # (supernets themselves: tests/test_wav2vec2_supernet_train.py)
+    cfg.model = {"encoder": {"output_size": 32, "attention_heads": 2, "linear_units": 64, "num_blocks": 2}}
+    with pytest.raises(ValueError, match="extractor_bits is for wav2vec2 models"):
         build_model(cfg, 5, None)
     cfg = w2v_config(digits, tmp_path, {})
     cfg.model = {"kind": "transducer"}

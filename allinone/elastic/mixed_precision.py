@@ -5,8 +5,13 @@ Method (docs/mixed_precision.md; ../shared/docs/method.md section 1, second resu
 - Every quantizable weight belongs to a *group* (``granularity``): ``layer`` = one block's
   module kind (``attn`` / ``ffn`` / ``conv`` of block i, the finest precision a subnet
   string can express), ``block`` = all kinds of one block, ``kind`` = one module kind
-  across the model.  Each group has architecture logits over candidate bit-widths
-  (default 8, 4, 2).
+  across the model.  Blocks are a Conformer's ``encoder.encoders.<i>`` or a wav2vec2 /
+  HuBERT model's ``encoder.transformer.layers.<i>`` (``BLOCK_PREFIXES``); only the kinds
+  the model's blocks have form cells (``model_kinds``: a wav2vec2 layer has no ``conv``,
+  and its subnet strings give that absent kind the block's highest bit-width, so a
+  uniform block reads ``B8``).  A wav2vec2 feature extractor quantized at a fixed
+  ``extractor_bits`` is not searched (it is in no cell).  Each group has architecture
+  logits over candidate bit-widths (default 8, 4, 2).
 - The candidates share the latent float weight and the per-bit-width scales of the
   layer's ``MultiPrecisionQuantizer`` (or ``NestedQuantizer``).  Each step draws
   ``p = gumbel_softmax(logits, tau)`` per group (temperature annealed, ``temperature``)
@@ -20,7 +25,7 @@ Method (docs/mixed_precision.md; ../shared/docs/method.md section 1, second resu
 
 How the mixture enters the model without touching its forward code: the search subnet
 (``mixed_subnet``) gives every quantizable layer the bit-width ``MIXED_BITS`` (0), so
-``conformer.subnet_weight`` calls ``layer.quantizer(weight, 0)``; ``attach_mixed_precision``
+``allinone.elastic.slicing.subnet_weight`` calls ``layer.quantizer(weight, 0)``; ``attach_mixed_precision``
 switched each quantizer's class to a subclass (``_BitMixture``) whose forward answers 0
 with the mixture of its group's current probabilities and every other bit-width as
 before.  (Reassigning ``__class__`` keeps every Parameter and state-dict key; it is what
@@ -38,6 +43,7 @@ and the logits by about ``logit_lr`` (the trainer's warmup / decay applies to bo
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -53,8 +59,8 @@ from allinone.quant.quantizer import MultiPrecisionQuantizer, NestedQuantizer
 from allinone.utils import atomic_open
 
 __all__ = [
-    "MIXED_BITS", "GRANULARITIES", "ALLOCATION_FILE", "TIMING_FILE",
-    "temperature", "gumbel_softmax", "group_cells", "cell_numel", "weight_cell",
+    "MIXED_BITS", "GRANULARITIES", "ALLOCATION_FILE", "TIMING_FILE", "BLOCK_PREFIXES",
+    "temperature", "gumbel_softmax", "group_cells", "cell_numel", "weight_cell", "model_kinds",
     "MixedPrecisionSearch", "attach_mixed_precision", "detach_mixed_precision",
     "mixed_subnet", "subnet_with_bits", "subnet_cells", "final_allocation",
     "allocation_average_bits", "allocation_report", "allocation_space",
@@ -106,61 +112,100 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False,
 # --------------------------------------------------------------------------- groups
 
 
-def subnet_cells(subnet: SubnetConfig) -> list[Cell]:
-    """Every (block, kind) cell of ``subnet``, blocks in order, kinds in ``KINDS`` order."""
-    return [(c.index, k) for c in subnet.layers for k in KINDS]
+def subnet_cells(subnet: SubnetConfig, kinds: Sequence[str] = KINDS) -> list[Cell]:
+    """Every (block, kind) cell of ``subnet``, blocks in order, kinds in ``KINDS`` order
+    (only ``kinds``: those the model's blocks have, ``model_kinds``)."""
+    return [(c.index, k) for c in subnet.layers for k in KINDS if k in kinds]
 
 
-def group_cells(template: SubnetConfig, granularity: str) -> dict[str, list[Cell]]:
+def group_cells(template: SubnetConfig, granularity: str, kinds: Sequence[str] = KINDS) -> dict[str, list[Cell]]:
     """Groups of (block, kind) cells that share one bit-width, in a fixed order.
 
     Names (also the logits' keys): ``layer`` -> ``b3_ffn``; ``block`` -> ``b3``;
-    ``kind`` -> ``ffn``.
+    ``kind`` -> ``ffn``.  kinds: the module kinds the model's blocks have (``model_kinds``;
+    default all of ``KINDS``, a Conformer's).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}; expected one of {', '.join(GRANULARITIES)} "
                          "(layer = a block's module kind, block = all kinds of a block, "
                          "kind = a module kind across the model)")
     groups: dict[str, list[Cell]] = {}
-    for block, kind in subnet_cells(template):
+    for block, kind in subnet_cells(template, kinds):
         name = {"layer": f"b{block}_{kind}", "block": f"b{block}", "kind": kind}[granularity]
         groups.setdefault(name, []).append((block, kind))
     return groups
 
 
-_BLOCK_PREFIX = "encoder.encoders."
+# State-dict prefixes of the elastic blocks: Conformer blocks, wav2vec2 / HuBERT transformer layers.
+BLOCK_PREFIXES = ("encoder.encoders.", "encoder.transformer.layers.")
+_BLOCK_RE = re.compile("^(?:" + "|".join(re.escape(p) for p in BLOCK_PREFIXES) + r")(\d+)\.")
 
 
-def weight_cell(name: str, kind: str) -> Cell:
-    """(block, kind) of a quantizable weight, from its name ``encoder.encoders.<i>. ...``."""
-    return int(name[len(_BLOCK_PREFIX):].split(".", 1)[0]), kind
+def weight_cell(name: str, kind: str) -> Cell | None:
+    """(block, kind) of a quantizable weight, from its name ``encoder.encoders.<i>. ...`` or
+    ``encoder.transformer.layers.<i>. ...``; None for a weight outside the blocks (a wav2vec2
+    feature extractor at its fixed bit-width)."""
+    m = _BLOCK_RE.match(name)
+    return None if m is None else (int(m.group(1)), kind)
+
+
+def model_kinds(model) -> tuple[str, ...]:
+    """The module kinds (of ``KINDS``) that the quantizable weights of ``model``'s blocks have:
+    all three for a Conformer, ``attn`` and ``ffn`` for a wav2vec2 / HuBERT model."""
+    present = {kind for name, _, kind in quantizable_layers(model) if weight_cell(name, kind) is not None}
+    return tuple(k for k in KINDS if k in present)
+
+
+def _subnet_model(model, subnet: SubnetConfig):
+    """The model ``extract(model, subnet)`` gives, built on the meta device (shapes only)."""
+    from allinone.elastic.extract import subnet_model_config
+
+    with torch.device("meta"):
+        return type(model)(subnet_model_config(model.config, subnet))
 
 
 def cell_numel(model, template: SubnetConfig) -> dict[Cell, int]:
     """Quantized weights per (block, kind) cell of ``template`` as the subnet slices them.
 
     Counted on the extracted model's config (built on the meta device: shapes only), so
-    it is exactly what ``extract`` will quantize.
+    it is exactly what ``extract`` will quantize.  Works for any model class whose
+    ``type(model)(config)`` builds it (``ASRModel``, ``Wav2Vec2CTCModel``).
     """
-    from allinone.elastic.extract import subnet_model_config
-    from allinone.models.asr import ASRModel
-
-    with torch.device("meta"):
-        small = ASRModel(subnet_model_config(model.config, template))
+    small = _subnet_model(model, template)
     counts: dict[Cell, int] = {}
     for name, layer, kind in quantizable_layers(small):
-        j, _ = weight_cell(name, kind)  # block j of the extracted model = the j-th used block
+        cell = weight_cell(name, kind)
+        if cell is None:
+            continue  # outside the blocks (the extracted config keeps no quantized extractor anyway)
+        j = cell[0]  # block j of the extracted model = the j-th used block
         cell = (template.layers[j].index, kind)
         counts[cell] = counts.get(cell, 0) + layer.weight.numel()
     return counts
 
 
-def subnet_with_bits(template: SubnetConfig, bits: Mapping[Cell, int], default: int = FLOAT_BITS
-                     ) -> SubnetConfig:
-    """``template``'s blocks and widths with the given per-cell bit-widths (others ``default``)."""
+def fixed_quantized(model) -> dict[str, tuple[int, int]]:
+    """Quantized weights outside the blocks, at a bit-width no subnet chooses: weight name ->
+    (bits, numel).  A wav2vec2 feature extractor with ``extractor_bits`` < 32; else empty."""
+    bits = getattr(model.config, "extractor_bits", FLOAT_BITS)
+    if bits == FLOAT_BITS:
+        return {}
+    return {name: (bits, layer.weight.numel()) for name, layer, kind in quantizable_layers(model)
+            if weight_cell(name, kind) is None}
+
+
+def subnet_with_bits(template: SubnetConfig, bits: Mapping[Cell, int], default: int = FLOAT_BITS,
+                     kinds: Sequence[str] = KINDS) -> SubnetConfig:
+    """``template``'s blocks and widths with the given per-cell bit-widths (others ``default``).
+
+    kinds: the module kinds the model's blocks have; a kind they lack (a wav2vec2 layer's
+    ``conv``) gets the block's highest bit-width among ``kinds``, which changes nothing it
+    computes and keeps subnet strings short (``B8``, not ``BA8_BF8_BC32``).
+    """
     layers = []
     for c in template.layers:
-        b = {k: int(bits.get((c.index, k), default)) for k in KINDS}
+        b = {k: int(bits.get((c.index, k), default)) for k in KINDS if k in kinds}
+        fill = max(b.values()) if b else default
+        b = {k: b.get(k, fill) for k in KINDS}
         layers.append(LayerChoice(c.index, c.ffn, c.heads, b["attn"], b["ffn"], b["conv"]))
     return SubnetConfig(tuple(layers))
 
@@ -228,12 +273,14 @@ class MixedPrecisionSearch(nn.Module):
         logit_scale: logits = stored Parameter * logit_scale (``logit_lr / optim.lr``).
         template: the subnet whose blocks / widths the allocation keeps (full model).
         granularity: how the groups were formed (recorded in reports).
+        kinds: the module kinds of the model's blocks (``model_kinds``).
     """
 
     def __init__(self, groups: Mapping[str, Sequence[Cell]], numel: Mapping[str, int],
                  candidate_bits: Sequence[int], target_bits: float, logit_scale: float,
-                 template: SubnetConfig, granularity: str):
+                 template: SubnetConfig, granularity: str, kinds: Sequence[str] = KINDS):
         super().__init__()
+        self.kinds = tuple(kinds)
         self.candidate_bits = tuple(sorted(set(int(b) for b in candidate_bits), reverse=True))
         self.groups = {g: list(cells) for g, cells in groups.items()}
         self.numel = {g: int(numel[g]) for g in self.groups}
@@ -339,17 +386,18 @@ def attach_mixed_precision(model, template: SubnetConfig, granularity: str = "la
     cands = sorted(set(int(b) for b in candidate_bits), reverse=True)
     if not cands or any(b == FLOAT_BITS or not 1 <= b <= 8 for b in cands):
         raise ValueError(f"candidate_bits {list(candidate_bits)} must be integer bit-widths 1..8")
-    groups = group_cells(template, granularity)
+    kinds = model_kinds(model)
+    groups = group_cells(template, granularity, kinds)
     counts = cell_numel(model, template)
     numel = {g: sum(counts.get(c, 0) for c in cells) for g, cells in groups.items()}
-    search = MixedPrecisionSearch(groups, numel, cands, target_bits, logit_scale, template, granularity)
+    search = MixedPrecisionSearch(groups, numel, cands, target_bits, logit_scale, template, granularity, kinds)
     if not min(cands) <= target_bits <= max(cands):
         raise ValueError(f"target_bits={target_bits} is outside the candidates' range {min(cands)}..{max(cands)}")
     group_of = {cell: g for g, cells in groups.items() for cell in cells}
     for name, layer, kind in quantizable_layers(model):
         cell = weight_cell(name, kind)
         if cell not in group_of:
-            continue  # a block the template does not use
+            continue  # a block the template does not use, or a weight outside the blocks
         q = getattr(layer, "quantizer", None)
         if q is None or type(q) not in _MIXED_CLASS:
             raise ValueError(f"{name} has no MultiPrecisionQuantizer / NestedQuantizer: build the supernet "
@@ -390,7 +438,8 @@ def final_allocation(model, enforce_budget: bool = True) -> SubnetConfig:
     search = getattr(model, "bit_search", None)
     if search is None:
         raise ValueError("the model has no mixed-precision search (attach_mixed_precision)")
-    return subnet_with_bits(search.template, search.cell_bits(search.allocation(enforce_budget)))
+    return subnet_with_bits(search.template, search.cell_bits(search.allocation(enforce_budget)),
+                            kinds=search.kinds)
 
 
 def allocation_average_bits(subnet: SubnetConfig, numel: Mapping[Cell, int]) -> float:
@@ -408,9 +457,12 @@ def allocation_space(model, subnet: SubnetConfig):
 
     space = getattr(model, "search_space", None)
     if space is None:
-        enc = model.config.encoder
-        space = SearchSpace(depth=[enc.num_blocks], ffn=[enc.linear_units], heads=[enc.attention_heads],
-                            bits=[FLOAT_BITS], num_blocks=enc.num_blocks)
+        cfg = model.config
+        if hasattr(cfg, "encoder"):  # ASRModelConfig
+            n, ffn, heads = cfg.encoder.num_blocks, cfg.encoder.linear_units, cfg.encoder.attention_heads
+        else:  # Wav2Vec2Config
+            n, ffn, heads = cfg.encoder_num_layers, cfg.encoder_ff_interm_features, cfg.encoder_num_heads
+        space = SearchSpace(depth=[n], ffn=[ffn], heads=[heads], bits=[FLOAT_BITS], num_blocks=n)
     return add_to_space(space, subnet)
 
 
@@ -452,18 +504,33 @@ def allocation_report(model, subnet: SubnetConfig, method: str, **extra) -> dict
 
     Keys: ``subnet``, ``average_bits`` (numel-weighted over the quantized weights, as
     ``SizeReport.average_bits`` of the extracted model), ``quantized_params``,
-    ``per_layer`` ([{block, attn, ffn, conv}]), ``method``, plus ``extra``; with a
-    search attached also ``target_bits``, ``expected_bits``, ``candidate_bits``,
-    ``granularity``, ``groups`` (group -> bits) and ``probabilities``.
+    ``per_layer`` ([{block, attn, ffn, conv}]; only the kinds the blocks have), ``method``,
+    plus ``extra``; with a search attached also ``target_bits``, ``expected_bits``,
+    ``candidate_bits``, ``granularity``, ``groups`` (group -> bits) and ``probabilities``.
+    A wav2vec2 feature extractor quantized at a fixed bit-width is outside the allocation
+    (``average_bits`` covers the blocks, as the budget does); it adds ``extractor_bits``,
+    ``extractor_params`` and ``average_bits_with_extractor`` (what ``SizeReport.average_bits``
+    of the extracted model then is), and its weights count in ``quantized_params``.
     """
     numel = cell_numel(model, subnet)
+    kinds = model_kinds(model)
+    block_params = sum(n for cell, n in numel.items() if subnet_bits_of(subnet, cell) != FLOAT_BITS)
     report = {
         "subnet": allocation_space(model, subnet).format(subnet),
         "average_bits": allocation_average_bits(subnet, numel),
-        "quantized_params": sum(n for cell, n in numel.items() if subnet_bits_of(subnet, cell) != FLOAT_BITS),
+        "quantized_params": block_params,
         "method": method,
-        "per_layer": [{"block": c.index, **{k: c.bits(k) for k in KINDS}} for c in subnet.layers],
+        "per_layer": [{"block": c.index, **{k: c.bits(k) for k in KINDS if k in kinds}} for c in subnet.layers],
     }
+    fixed = fixed_quantized(model)
+    if fixed:
+        n_fixed = sum(n for _, n in fixed.values())
+        bit_sum = sum(b * n for b, n in fixed.values())
+        if block_params:
+            bit_sum += report["average_bits"] * block_params
+        report.update({"extractor_bits": next(iter(fixed.values()))[0], "extractor_params": n_fixed,
+                       "quantized_params": block_params + n_fixed,
+                       "average_bits_with_extractor": bit_sum / (block_params + n_fixed)})
     search = getattr(model, "bit_search", None)
     if search is not None:
         with torch.no_grad():
@@ -477,7 +544,7 @@ def allocation_report(model, subnet: SubnetConfig, method: str, **extra) -> dict
                 "probabilities": {g: [round(float(x), 4) for x in p] for g, p in probs.items()},
                 "search_steps": int(search.steps),
             })
-            argmax = subnet_with_bits(search.template, search.cell_bits(search.argmax_bits()))
+            argmax = subnet_with_bits(search.template, search.cell_bits(search.argmax_bits()), kinds=search.kinds)
             report["argmax_subnet"] = allocation_space(model, argmax).format(argmax)
             report["argmax_average_bits"] = allocation_average_bits(argmax, numel)
     report.update(extra)

@@ -34,11 +34,13 @@ def run_stage1(cfg, method: str, out_dir: str | Path, num_batches: int = 8, n_sa
     """Stage 1 from an ``ExperimentConfig``; returns the allocation report (also written).
 
     method: ``kl`` or ``hessian`` (``allinone.quant.sensitivity``); num_batches: training
-    batches (``train.max_frames`` each, shuffled with ``train.seed``, no SpecAugment);
+    batches (``train.max_frames`` each, ``train.max_samples`` for a wav2vec2 model;
+    shuffled with ``train.seed``, no SpecAugment);
     n_samples: Hutchinson samples (hessian).  The timer starts after data preparation
     (cached features are shared by every method), as the trainer's does.
     """
     from allinone.quant.sensitivity import SENSITIVITIES, hessian_sensitivity, kl_sensitivity
+    from allinone.train.config import model_kind
     from allinone.train.strategies import SupernetOptions
     from allinone.train.trainer import build_model, make_loader, pick_device, prepare_data, to_device
 
@@ -55,10 +57,13 @@ def run_stage1(cfg, method: str, out_dir: str | Path, num_batches: int = 8, n_sa
     start = time.time()
     model = build_model(cfg, tokenizer.vocab_size, stats).to(dev)
     template = model.search_space.largest()
-    groups = mp.group_cells(template, opts.granularity)
+    kinds = mp.model_kinds(model)  # a wav2vec2 layer has no conv kind
+    groups = mp.group_cells(template, opts.granularity, kinds)
     counts = mp.cell_numel(model, template)
     numel = {g: sum(counts[c] for c in cells) for g, cells in groups.items()}
-    loader, _ = make_loader(train_set, cfg.train.max_frames, True, cfg.train.seed)
+    waveforms = model_kind(cfg.model) == "wav2vec2"
+    loader, _ = make_loader(train_set, cfg.train.max_samples if waveforms else cfg.train.max_frames, True,
+                            cfg.train.seed)
     batches = []
     for b in loader:
         batches.append(to_device(b, dev))
@@ -73,7 +78,8 @@ def run_stage1(cfg, method: str, out_dir: str | Path, num_batches: int = 8, n_sa
                                              seed=cfg.train.seed)
         extra["hessian_traces"] = traces
     bits = allocate(scores, numel, cands, opts.target_bits, opts.allocation_method)
-    subnet = mp.subnet_with_bits(template, {cell: bits[g] for g, cells in groups.items() for cell in cells})
+    subnet = mp.subnet_with_bits(template, {cell: bits[g] for g, cells in groups.items() for cell in cells},
+                                 kinds=kinds)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.time() - start

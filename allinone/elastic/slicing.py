@@ -31,10 +31,12 @@ def subnet_weight(
     themselves: the plain model.
     """
     weight, bias = layer.weight, layer.bias
-    if rows is not None:
+    # A "slice" of every row / column is skipped: it would only add a view and, in the
+    # backward, a slice_backward (zeros + copy) per weight and per bias.
+    if rows is not None and rows != weight.shape[0]:
         weight = weight[:rows]
         bias = None if bias is None else bias[:rows]
-    if cols is not None:
+    if cols is not None and cols != weight.shape[1]:
         weight = weight[:, :cols]
     if bits != FLOAT_BITS:
         quantizer = getattr(layer, "quantizer", None)

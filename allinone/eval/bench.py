@@ -9,6 +9,10 @@ latency per backend and peak memory (``allinone.eval.latency``).  Then the lossl
 compression ratio of the grid: the largest ``ratio_vs_ref`` among systems not
 significantly worse than the reference on every test set.
 
+The supernet is a Conformer ``ASRModel`` (fbank features) or a wav2vec2 / HuBERT
+``Wav2Vec2CTCModel`` (raw waveforms; the model directory's front end decides how the
+test sets are read, and latency's real-time factor counts samples as audio).
+
 Decoding runs the supernet with the subnet active (``encode(..., subnet)``), which equals
 the extracted model (tests/test_supernet_cli.py); latency runs the extracted model, since
 that is what is deployed.
@@ -62,6 +66,7 @@ class BenchOptions:
     reference: str | None = None  # subnet string; None = the largest float subnet
     num_workers: int = 2          # feature extraction workers
     max_frames: int = 30000       # padded frames per decoding batch
+    max_samples: int = 1_600_000  # padded samples per decoding batch (waveform models: wav2vec2 / HuBERT)
 
 
 # --------------------------------------------------------------------------- grid
@@ -128,8 +133,8 @@ class TestSet:
     name: str                  # unique short name (the directory name)
     path: Path
     refs: dict[str, str]       # utt_id -> reference text
-    batches: list[dict]        # collated batches (feats [B, T, F], feat_lens [B], utt_ids)
-    feats: dict                # utt_id -> [T, F]
+    batches: list[dict]        # collated batches (feats [B, T, F] or waveforms [B, S], feat_lens [B], utt_ids)
+    feats: dict                # utt_id -> [T, F] (waveform models: [S])
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -144,10 +149,13 @@ def load_test_set(path: str | os.PathLike, name: str, fbank, tokenizer, opts: Be
     from allinone.data.dataset import ASRDataset, BucketBatchSampler, collate, extract_features
     from allinone.data.kaldi import read_data_dir
 
+    from allinone.eval.search import batch_budget
+
     utts = read_data_dir(path)
     feats = extract_features(utts, fbank, opts.num_workers, progress=False)
     dataset = ASRDataset(feats, utts, tokenizer)
-    sampler = BucketBatchSampler(dataset.lengths, opts.max_frames, shuffle=False)
+    sampler = BucketBatchSampler(dataset.lengths, batch_budget(fbank, opts.max_frames, opts.max_samples),
+                                 shuffle=False)
     batches = [collate([dataset[i] for i in idx]) for idx in sampler]
     refs = {u.utt_id: u.text for u in utts if u.utt_id in feats}
     return TestSet(name, Path(path), refs, batches, feats)
@@ -207,7 +215,9 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
         wer[ts.name] = write_results(sys_dir / ts.name, ts.refs, hyps).to_dict()
     latency = {}
     if opts.latency:
-        shift = fbank.hop_length / fbank.sample_rate
+        from allinone.eval.search import input_shift_s
+
+        shift = input_shift_s(fbank)
         for backend in backends_for(bits):
             latency[backend] = measure_latency(small, quantized, latency_feats, backend, shift,
                                                opts.latency_repeats, opts.threads, opts.beam).to_dict()

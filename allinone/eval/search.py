@@ -13,6 +13,9 @@ Budgets (any combination; every one must hold):
 | ``--max-bits B`` | mean bit-width of the encoder-block weights, weighted by parameters, float ones counting 32 |
 | ``--max-latency-ms T`` | measured CPU fp32 latency of the extracted model, median ms per utterance (``allinone.eval.latency``) |
 
+The supernet may be an ``ASRModel`` (Conformer, fbank test sets) or a ``Wav2Vec2CTCModel``
+(wav2vec2 / HuBERT, waveform test sets: the model directory's front end says which).
+
 Sizes are computed without extracting: the extracted model's tensor shapes come from a
 model built on the ``meta`` device, so a candidate costs no weight copies (tested equal
 to ``extracted_size``).
@@ -44,7 +47,8 @@ from allinone.elastic.subnet import FLOAT_BITS, KINDS, SubnetConfig
 logger = logging.getLogger("allinone")
 
 __all__ = ["Budget", "SearchOptions", "Candidate", "SearchResult", "subnet_size", "weight_bits",
-           "count_subnets", "all_subnets", "ProxyEvaluator", "search_subnet", "run_search"]
+           "count_subnets", "all_subnets", "ProxyEvaluator", "search_subnet", "run_search", "batch_budget",
+           "input_shift_s"]
 
 MIB = 2 ** 20
 
@@ -58,30 +62,48 @@ def subnet_size(model, subnet: SubnetConfig):
     The extracted config is built on the meta device (shapes only); quantized tensors get
     one scale per output row when the supernet's quantizer is per-channel, else one.
     """
-    from allinone.elastic.extract import source_name, subnet_model_config
+    from allinone.elastic.extract import subnet_model_config
+    from allinone.elastic.mixed_precision import BLOCK_PREFIXES, weight_cell
     from allinone.elastic.quant import quantizable_layers
-    from allinone.models.asr import ASRModel
+    from allinone.elastic.subnet import EXTRACTOR_KIND
     from allinone.quant.accounting import size_report
 
     with torch.device("meta"):
-        small = ASRModel(subnet_model_config(model.config, subnet))
+        small = type(model)(subnet_model_config(model.config, subnet))
+    position = {c.index: j for j, c in enumerate(subnet.layers)}
     bits, scales = {}, {}
-    for name, _, kind in quantizable_layers(small):
-        b = subnet.layers[int(name.split(".")[2])].bits(kind)
+    # As ``extract`` does: the supernet's quantizable layers that the subnet uses, renamed to
+    # the extracted model's blocks (or, outside the blocks, a wav2vec2 extractor at its fixed bits).
+    for src, layer, kind in quantizable_layers(model):
+        cell = weight_cell(src, kind)
+        if cell is None:
+            name = src
+            b = getattr(model.config, "extractor_bits", FLOAT_BITS) if kind == EXTRACTOR_KIND else FLOAT_BITS
+        elif cell[0] in position:
+            j = position[cell[0]]
+            prefix = next(p for p in BLOCK_PREFIXES if src.startswith(p))
+            name = f"{prefix}{j}.{src[len(prefix):].split('.', 1)[1]}"
+            b = subnet.layers[j].bits(kind)
+        else:
+            continue  # a block the subnet skips
         if b == FLOAT_BITS:
             continue
-        layer = model.get_submodule(source_name(model, name, subnet).rsplit(".", 1)[0])
         shape = small.get_parameter(name).shape
         bits[name] = b
         scales[name] = shape[0] if getattr(layer.quantizer, "per_channel", False) else 1
     return size_report(small.state_dict(), bits, scale_counts=scales)
 
 
-def weight_bits(report) -> float:
-    """Parameter-weighted mean bit-width of the encoder-block weights (float ones count 32)."""
-    from allinone.quant.accounting import default_quantizable
+def weight_bits(report, prefixes: tuple[str, ...] | None = None) -> float:
+    """Parameter-weighted mean bit-width of the encoder-block weights (float ones count 32).
 
-    rows = [t for t in report.tensors if t.bits != FLOAT_BITS or default_quantizable(t.name, t.shape)]
+    prefixes: state-dict prefixes of the quantizable weights (a model's ``quant_prefixes``;
+    default the Conformer blocks').
+    """
+    from allinone.quant.accounting import DEFAULT_QUANT_PREFIXES, default_quantizable
+
+    prefixes = DEFAULT_QUANT_PREFIXES if prefixes is None else prefixes
+    rows = [t for t in report.tensors if t.bits != FLOAT_BITS or default_quantizable(t.name, t.shape, prefixes)]
     n = sum(t.numel for t in rows)
     return sum(t.numel * t.bits for t in rows) / n if n else float(FLOAT_BITS)
 
@@ -250,11 +272,17 @@ class ProxyEvaluator:
         return self.cache[key]
 
     def _loss(self, subnet: SubnetConfig) -> float:
+        from allinone.models.asr import ctc_loss
+
         total, n = 0.0, 0
         for b in self.batches:
             feats, lens = b["feats"].to(self.device), b["feat_lens"].to(self.device)
             enc, enc_lens = self.model.encode(feats, lens, subnet)
-            loss = self.model.ctc.loss(enc, enc_lens, b["tokens"].to(self.device), b["token_lens"].to(self.device))
+            tokens, token_lens = b["tokens"].to(self.device), b["token_lens"].to(self.device)
+            if hasattr(self.model.ctc, "loss"):  # ASRModel's CTC module
+                loss = self.model.ctc.loss(enc, enc_lens, tokens, token_lens)
+            else:  # a wav2vec2 model's CTC head is a Linear: the same ESPnet CTC loss
+                loss = ctc_loss(self.model.ctc_log_probs(enc), enc_lens, tokens, token_lens)
             total += float(loss) * feats.shape[0]  # the loss is a per-batch mean over utterances
             n += feats.shape[0]
         return total / n
@@ -288,7 +316,8 @@ class _Feasibility:
         c = self.cache.get(key)
         if c is None:
             r = subnet_size(self.model, subnet)
-            c = self.cache[key] = Candidate(key, r.total_params, r.packed_bytes, weight_bits(r))
+            c = self.cache[key] = Candidate(key, r.total_params, r.packed_bytes,
+                                            weight_bits(r, getattr(self.model, "quant_prefixes", None)))
         if with_latency and self.budget.max_latency_ms is not None and c.latency_ms is None:
             from allinone.elastic.extract import extract
             from allinone.eval.latency import measure_latency
@@ -359,21 +388,33 @@ def _crossover(space: SearchSpace, a: SubnetConfig, b: SubnetConfig, rng: random
     return _build(space, depth, values)
 
 
+def _canonical(model):
+    """subnet -> the same computation written one way: for a model whose blocks lack a module
+    kind (a wav2vec2 layer has no ``conv``), that kind's bits are set as the mixed-precision
+    code writes them (the block's highest), so subnets differing only there count once."""
+    from allinone.elastic.mixed_precision import model_kinds, subnet_with_bits
+
+    kinds = model_kinds(model)
+    if not kinds or set(kinds) == set(KINDS):
+        return lambda s: s
+    return lambda s: subnet_with_bits(s, {(c.index, k): c.bits(k) for c in s.layers for k in kinds}, kinds=kinds)
+
+
 def _evolution(space: SearchSpace, feas: _Feasibility, proxy: ProxyEvaluator, opts: SearchOptions,
-               progress: bool) -> list[SubnetConfig]:
+               progress: bool, canon=lambda s: s) -> list[SubnetConfig]:
     rng = random.Random(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     if not feas(space.smallest()):
         raise feas.infeasible_error(space.smallest())
     # Start from the feasible uniform systems closest to the budget (the largest that fit;
     # usually the best ones) and fill up with random feasible subnets.
-    uniform = sorted((s for s in space.enumerate() if feas(s)),
+    uniform = sorted((s for s in dict.fromkeys(map(canon, space.enumerate())) if feas(s)),
                      key=lambda s: -feas.candidate(s, False).packed_bytes)
     pop = uniform[: max(1, opts.population // 2)]
     tries = 0
     while len(pop) < opts.population and tries < 50 * opts.population:
         tries += 1
-        s = space.sample(gen)
+        s = canon(space.sample(gen))
         if s not in pop and feas(s):
             pop.append(s)
     seen = set(pop)
@@ -392,6 +433,7 @@ def _evolution(space: SearchSpace, feas: _Feasibility, proxy: ProxyEvaluator, op
                 child = _crossover(space, a, rng.choice([p for p in parents if p != a]), rng)
             if child == a or rng.random() < opts.mutation_prob:
                 child = _mutate(space, child, rng, opts.mutation_prob)
+            child = canon(child)
             if child in seen or not feas(child):
                 continue
             seen.add(child)
@@ -416,6 +458,7 @@ def search_subnet(model, space: SearchSpace, budget: Budget, proxy: ProxyEvaluat
     if budget.max_latency_ms is not None and not latency_feats:
         raise ValueError("a latency budget needs utterances to time")
     feas = _Feasibility(model, space, budget, latency_feats, frame_shift_s, opts)
+    canon = _canonical(model)
     strategy = opts.strategy
     if strategy == "auto":
         small = candidates is not None or count_subnets(space) <= opts.exhaustive_limit
@@ -427,11 +470,11 @@ def search_subnet(model, space: SearchSpace, budget: Budget, proxy: ProxyEvaluat
                 raise ValueError(f"the space has {n:,} subnets: too many to search exhaustively; "
                                  "use evolution or a grid")
             candidates = all_subnets(space)
-        evaluated = _exhaustive(candidates, feas, proxy, progress)
+        evaluated = _exhaustive(list(dict.fromkeys(map(canon, candidates))), feas, proxy, progress)
     else:
         if candidates is not None:
             raise ValueError("evolution searches the space's per-block choices; a grid is searched exhaustively")
-        evaluated = _evolution(space, feas, proxy, opts, progress)
+        evaluated = _evolution(space, feas, proxy, opts, progress, canon)
     scored = []
     for s in evaluated:
         c = feas.candidate(s)
@@ -442,6 +485,23 @@ def search_subnet(model, space: SearchSpace, budget: Budget, proxy: ProxyEvaluat
 
 
 # --------------------------------------------------------------------------- from files
+
+
+def batch_budget(front_end, max_frames: int = 30000, max_samples: int = 1_600_000) -> int:
+    """Padded input steps per decoding batch: ``max_frames`` fbank frames, or for a waveform
+    model (``WaveformConfig``) ``max_samples`` samples."""
+    from allinone.data.dataset import WaveformConfig
+
+    return max_samples if isinstance(front_end, WaveformConfig) else max_frames
+
+
+def input_shift_s(front_end) -> float:
+    """Seconds of audio per input step: the fbank hop, or one sample of a waveform model."""
+    from allinone.data.dataset import WaveformConfig
+
+    if isinstance(front_end, WaveformConfig):
+        return 1.0 / front_end.sample_rate
+    return front_end.hop_length / front_end.sample_rate
 
 
 def _sample_batches(data_dir, loaded, n: int, seed: int, num_workers: int):
@@ -455,7 +515,8 @@ def _sample_batches(data_dir, loaded, n: int, seed: int, num_workers: int):
         utts = [u for u in utts if u.utt_id in keep]
     feats = extract_features(utts, loaded.fbank, num_workers, progress=False)
     ds = ASRDataset(feats, utts, loaded.tokenizer)
-    batches = [collate([ds[i] for i in idx]) for idx in BucketBatchSampler(ds.lengths, 30000, shuffle=False)]
+    budget = batch_budget(loaded.fbank)
+    batches = [collate([ds[i] for i in idx]) for idx in BucketBatchSampler(ds.lengths, budget, shuffle=False)]
     refs = {u.utt_id: u.text for u in utts if u.utt_id in feats}
     return batches, refs, feats
 
@@ -478,6 +539,6 @@ def run_search(model_dir: str | os.PathLike, budget: Budget, data_dir: str | os.
     batches, refs, feats = _sample_batches(data_dir, loaded, opts.sample, opts.seed, opts.num_workers)
     proxy = ProxyEvaluator(model, space, batches, refs, loaded.tokenizer, opts.proxy, opts.device)
     lat_feats = [feats[u] for u in sorted(refs)[: opts.latency_utts]]
-    shift = loaded.fbank.hop_length / loaded.fbank.sample_rate
+    shift = input_shift_s(loaded.fbank)
     # Latency is timed on CPU whatever opts.device is: extract() builds the small model on CPU.
     return search_subnet(model, space, budget, proxy, opts, candidates, lat_feats, shift, progress)

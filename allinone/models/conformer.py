@@ -43,6 +43,7 @@ __all__ = [
     "Conv2dSubsampling",
     "RelPositionalEncoding",
     "RelPositionSelfAttention",
+    "PaddingMask",
     "FeedForward",
     "ConvolutionModule",
     "SUBSAMPLING_LAYERS",
@@ -294,6 +295,30 @@ class RelPositionalEncoding(nn.Module):
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout_rate)
+        # (max length, embeddings [1, 2*max-1, D]) of the last device / dtype; a plain
+        # attribute, not a buffer, so the state dict stays ESPnet's.
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def cached_position_embeddings(self, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``position_embeddings`` as a slice of a cached longer table (ESPnet's ``extend_pe``).
+
+        Row ``k`` of the table for ``n >= length`` frames is position ``n-1-k``, so rows
+        ``n-length .. n+length-2`` are exactly ``position_embeddings(length)`` (same
+        float32 arithmetic per position): about a dozen small operations per forward
+        become one view. Under ``torch.compile`` the table is computed in the graph.
+        """
+        if torch.compiler.is_compiling():
+            return self.position_embeddings(length, device, dtype)
+        cache = self._cache
+        if (cache is None or cache[0] < length or cache[1].device != torch.device(device or "cpu")
+                or cache[1].dtype != dtype):
+            n = max(length, cache[0] if cache is not None else 0)
+            # A normal tensor even when first made under inference_mode, so a later
+            # training step may save it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                cache = self._cache = (n, self.position_embeddings(n, device, dtype))
+        n, table = cache
+        return table[:, n - length: n + length - 1]
 
     def position_embeddings(self, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """[1, 2*length-1, D] for relative positions length-1, ..., -(length-1)."""
@@ -310,11 +335,42 @@ class RelPositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [batch, frame, D] -> (x * sqrt(D) [batch, frame, D], pos_emb [1, 2*frame-1, D])."""
-        pos_emb = self.position_embeddings(x.size(1), x.device, x.dtype)
+        pos_emb = self.cached_position_embeddings(x.size(1), x.device, x.dtype)
         return self.dropout(x * self.xscale), self.dropout(pos_emb)
 
 
 # --------------------------------------------------------------------------- block parts
+
+
+class PaddingMask:
+    """Key padding of one batch and what each attention layer derives from it, made once.
+
+    The encoder builds one per forward and hands it to every block, so the additive mask
+    and the "utterance has no valid frame" flags cost a few operations per forward rather
+    than per layer.  ``RelPositionSelfAttention`` also accepts the plain bool mask.
+
+    Args: key_padding_mask [batch, T] bool, True at padded frames.
+    """
+
+    def __init__(self, key_padding_mask: torch.Tensor):
+        self.key_padding_mask = key_padding_mask
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+        self._empty: torch.Tensor | None = None
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """[batch, 1, 1, T] additive mask: 0 at valid keys, ``finfo(dtype).min`` at padded ones."""
+        b = self._bias.get(dtype)
+        if b is None:
+            pad = self.key_padding_mask[:, None, None, :]
+            b = self._bias[dtype] = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill_(
+                pad, torch.finfo(dtype).min)
+        return b
+
+    def empty(self) -> torch.Tensor:
+        """[batch, 1, 1, 1] bool: True for an utterance without any valid frame."""
+        if self._empty is None:
+            self._empty = self.key_padding_mask.all(dim=1)[:, None, None, None]
+        return self._empty
 
 
 class RelPositionSelfAttention(nn.Module):
@@ -365,15 +421,28 @@ class RelPositionSelfAttention(nn.Module):
 
         x: [batch, heads, T, 2T-1] whose column k belongs to relative position T-1-k.
         Returns [batch, heads, T, T] with out[..., i, j] = x[..., i, T-1-i+j].
+
+        A strided view, no copy (and no kernel): element ``(i, j)`` sits ``i * (row stride
+        - column stride) + (T-1+j) * column stride`` past the start, so moving one row down
+        moves one column left.  Its backward is a zero fill and one strided copy (a gather
+        would need a scatter-add).
         """
         t = x.size(-2)
-        i = torch.arange(t, device=x.device)[:, None]
-        j = torch.arange(t, device=x.device)[None, :]
-        index = (t - 1 - i + j).expand(*x.shape[:-1], t)
-        return x.gather(-1, index)
+        if x.size(-1) != 2 * t - 1:
+            raise ValueError(f"rel_shift expects [..., T, 2T-1], got {tuple(x.shape)}")
+        if t == 1:
+            return x
+        if torch.compiler.is_compiling():
+            # storage_offset() would break the graph; the same element choice with plain
+            # views: in the flattened [T * (2T-1)] rows, (i, j) sits at T-1 + i*(2T-2) + j.
+            flat = x.reshape(*x.shape[:-2], t * (2 * t - 1))
+            return flat[..., t - 1: t - 1 + t * (2 * t - 2)].unflatten(-1, (t, 2 * t - 2))[..., :t]
+        *lead, s_row, s_col = x.stride()
+        return x.as_strided((*x.shape[:-1], t), (*lead, s_row - s_col, s_col),
+                            x.storage_offset() + (t - 1) * s_col)
 
     def forward(
-        self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | PaddingMask | None = None,
         heads: int | None = None, bits: int = FLOAT_BITS,
     ) -> torch.Tensor:
         """Self-attention over frames.
@@ -381,7 +450,8 @@ class RelPositionSelfAttention(nn.Module):
         Args:
             x: [batch, T, D] (already layer-normed).
             pos_emb: [1, 2T-1, D] from ``RelPositionalEncoding``.
-            key_padding_mask: [batch, T] bool, True at padded frames (never attended to).
+            key_padding_mask: [batch, T] bool, True at padded frames (never attended to), or
+                a ``PaddingMask`` of it (what the encoder passes).
             heads: run only the first ``heads`` heads (None = all); bits: weight bit-width.
         Returns:
             [batch, T, D]. Padded query frames are computed too (as ESPnet does).
@@ -391,8 +461,11 @@ class RelPositionSelfAttention(nn.Module):
         heads = q.size(-1) // self.d_k
         # View [B, T, H, d_k] to add the per-head biases, then heads first.
         q = q.view(*q.shape[:2], heads, self.d_k)
-        q_u = (q + self.pos_bias_u[:heads]).transpose(1, 2)  # [B, H, T, d_k]
-        q_v = (q + self.pos_bias_v[:heads]).transpose(1, 2)
+        bias_u, bias_v = self.pos_bias_u, self.pos_bias_v
+        if heads != bias_u.size(0):  # (no slice, and no slice_backward, with all heads)
+            bias_u, bias_v = bias_u[:heads], bias_v[:heads]
+        q_u = (q + bias_u).transpose(1, 2)  # [B, H, T, d_k]
+        q_v = (q + bias_v).transpose(1, 2)
         k = self._heads(F.linear(x, *subnet_weight(self.linear_k, bits, rows=width)))
         v = self._heads(F.linear(x, *subnet_weight(self.linear_v, bits, rows=width)))
         p = self._heads(F.linear(pos_emb, *subnet_weight(self.linear_pos, bits, rows=width)))  # [1, H, 2T-1, d_k]
@@ -402,19 +475,22 @@ class RelPositionSelfAttention(nn.Module):
         if self.zero_triu:
             # ESPnet's option: drop the position term for keys to the right (j > i).
             pos_scores = pos_scores.tril()
-        bias = pos_scores * scale
-        if key_padding_mask is not None:
-            # finfo.min rather than -inf: softmax stays finite even for a fully padded
-            # row (an empty utterance); that row is zeroed below as ESPnet does.
-            pad = key_padding_mask[:, None, None, :]
-            bias = bias.masked_fill(pad, torch.finfo(bias.dtype).min)
+        if key_padding_mask is None:
+            bias = pos_scores * scale
+        else:
+            if not isinstance(key_padding_mask, PaddingMask):
+                key_padding_mask = PaddingMask(key_padding_mask)
+            # pad + scale * pos_scores in one operation: 0 + exact product at valid keys;
+            # at padded keys finfo.min (|scale * pos| is far below half an ulp of it), as
+            # masked_fill gave.  finfo.min rather than -inf: softmax stays finite even for
+            # a fully padded row (an empty utterance); that row is zeroed below as ESPnet does.
+            bias = torch.add(key_padding_mask.bias(pos_scores.dtype), pos_scores, alpha=scale)
         context = F.scaled_dot_product_attention(
             q_u, k, v, attn_mask=bias,
             dropout_p=self.dropout_rate if self.training else 0.0, scale=scale,
         )  # [B, H, T, d_k]
         if key_padding_mask is not None:
-            empty = key_padding_mask.all(dim=1)
-            context = context.masked_fill(empty[:, None, None, None], 0.0)
+            context = context.masked_fill(key_padding_mask.empty(), 0.0)
         b, _, t, _ = context.shape
         context = context.transpose(1, 2).reshape(b, t, heads * self.d_k)
         return F.linear(context, *subnet_weight(self.linear_out, bits, cols=width))
@@ -517,15 +593,17 @@ class ConformerBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn, scale: float = 1.0) -> torch.Tensor:
         """``x + scale * dropout(fn(norm(x)))`` (pre-norm) or ``norm(x + ...)`` (post-norm)."""
-        y = fn(norm(x) if self.normalize_before else x)
-        x = x + scale * self.dropout(y)
+        y = self.dropout(fn(norm(x) if self.normalize_before else x))
+        # One operation: x + y, or x + scale * y via add's alpha (exact for ESPnet's 0.5).
+        x = x + y if scale == 1.0 else torch.add(x, y, alpha=scale)
         return x if self.normalize_before else norm(x)
 
     def forward(
-        self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | PaddingMask | None = None,
         choice: LayerChoice | None = None,
     ) -> torch.Tensor:
-        """x: [batch, T, D], pos_emb: [1, 2T-1, D], key_padding_mask: [batch, T] -> [batch, T, D].
+        """x: [batch, T, D], pos_emb: [1, 2T-1, D], key_padding_mask: [batch, T] bool or a
+        ``PaddingMask`` -> [batch, T, D].
 
         ``choice``: FFN units, heads and bit-widths of this block in a subnet (None = all, float).
         """
@@ -606,7 +684,8 @@ class ConformerEncoder(nn.Module):
         out_lengths = self.embed.output_lengths(lengths, xs.size(1))
         x = self.embed(xs)
         x, pos_emb = self.pos_enc(x)
-        key_padding_mask = torch.arange(x.size(1), device=x.device)[None, :] >= out_lengths[:, None]
+        key_padding_mask = PaddingMask(
+            torch.arange(x.size(1), device=x.device)[None, :] >= out_lengths[:, None])
         if subnet is None:
             for block in self.encoders:
                 x = block(x, pos_emb, key_padding_mask)

@@ -16,6 +16,7 @@ from .quantizer import (
     compute_scale,
     dequantize,
     fake_quant,
+    fake_quant_reference,
     nested_codes,
     nested_scale,
     quant_levels,
@@ -24,7 +25,7 @@ from .quantizer import (
 
 __all__ = [
     "SUPPORTED_BITS", "check_bits", "quant_levels", "compute_scale", "quantize_codes", "dequantize",
-    "fake_quant", "nested_codes", "nested_scale", "QuantizedTensor", "MultiPrecisionQuantizer",
+    "fake_quant", "fake_quant_reference", "nested_codes", "nested_scale", "QuantizedTensor", "MultiPrecisionQuantizer",
     "NestedQuantizer", "pack_codes", "unpack_codes", "packed_nbytes", "save_packed", "load_packed",
     "describe_packed", "PackedModel", "PackedFileError", "SizeReport", "TensorSize", "size_report",
     "default_quantizable", "float_category", "Int8Linear", "convert_linears_to_int8",

@@ -182,12 +182,12 @@ def lsq_grad_scale(weight_numel: int, scale_numel: int, levels: int) -> float:
     return 1.0 / math.sqrt(n * levels)
 
 
-def fake_quant(weight: torch.Tensor, scale: torch.Tensor, bits: int, learn_scale: bool = False) -> torch.Tensor:
-    """Quantize-dequantize ``weight`` with a straight-through gradient.
+def fake_quant_reference(weight: torch.Tensor, scale: torch.Tensor, bits: int,
+                         learn_scale: bool = False) -> torch.Tensor:
+    """The original ``fake_quant``: int8 codes first, then ``_FakeQuant`` (kept as the reference).
 
-    weight: [out, ...]; scale: ``[out, 1, ...]`` or ``[1, ...]``. Returns the weight's shape
-    and dtype. 32 bits returns ``weight`` itself. With ``learn_scale`` the scale gets LSQ's
-    gradient (see ``_FakeQuant``); otherwise it gets none.
+    Same contract as ``fake_quant``; 18 elementwise operations per call (forward and
+    backward, learned scale) against ``fake_quant``'s 9. Tests compare the two.
     """
     check_bits(bits)
     if bits == FLOAT_BITS:
@@ -197,6 +197,133 @@ def fake_quant(weight: torch.Tensor, scale: torch.Tensor, bits: int, learn_scale
         codes = quantize_codes(weight, scale, bits)
     g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
     return _FakeQuant.apply(weight, scale, codes, levels, g, learn_scale)
+
+
+_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _times(a: torch.Tensor, b: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    """``value * a * b`` in one operation, with ``+0.0`` where the product is ``-0.0``.
+
+    ``addcmul(0, a, b)`` rounds ``a * b`` once, exactly as ``a * b`` does, and adding the
+    zero turns ``-0.0`` (``round(-0.3) * s``) into the ``+0.0`` that int8 codes give.
+    """
+    if torch.compiler.is_compiling():
+        return a * b * value + 0.0
+    key = (a.device, a.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            zero = _ZEROS[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    return torch.addcmul(zero, a, b, value=value)
+
+
+class _FakeQuantFast(torch.autograd.Function):
+    """``_FakeQuant`` with fewer operations: same values and gradients.
+
+    Per call 4 to 6 elementwise operations forward and 1 to 3 backward (``_FakeQuant``
+    with ``quantize_codes``: 7 and 11). How (none changes a value beyond float rounding
+    order):
+
+    - the codes are kept as float: ``round(clamp(w / s, -L, L))`` (equal to clamping the
+      rounded value: L is an integer), so ``codes * s`` is bit for bit
+      ``dequantize(int8 codes, s)`` (computed as ``0 + codes * s`` in one ``addcmul``,
+      which also turns the ``-0.0`` of ``round(-0.3)`` into int8's ``+0``); when ``codes``
+      is None they are computed here from the ``w / s`` the backward needs anyway;
+    - ``inside`` (``|v| <= L``) is ``clamp(v, -L, L) == v``, reusing the clamp;
+    - the forward saves what the backward needs (``inside`` and the LSQ factor
+      ``codes - v * inside``, which is ``where(inside, codes - v, codes)`` for finite v)
+      instead of recomputing ``w / s``, ``|v|``, the comparison and the casts;
+    - the scale's gradient is ``sum(g * grad * factor)`` (one ``addcmul`` and one sum),
+      ``_FakeQuant`` sums ``grad * factor * g``: the two can differ in the last bit; the
+      output and the weight's gradient are identical;
+    - nothing is saved, and only the output computed, when no input needs a gradient.
+
+    forward(weight [out, ...], scale (broadcastable), codes (float codes or None), levels L,
+    bits, grad_scale g, learn_scale) -> fake-quantized weight (weight's shape and dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale, codes, levels: int, bits: int, grad_scale: float, learn_scale: bool):
+        need_w = ctx.needs_input_grad[0]
+        need_s = learn_scale and ctx.needs_input_grad[1]
+        v = weight / scale
+        clipped = v.clamp(-levels, levels) if (need_w or need_s) else None
+        if codes is None:
+            if bits == 1:
+                codes = torch.where(weight >= 0, 1.0, -1.0).to(v.dtype)
+            elif clipped is None:
+                codes = v.clamp_(-levels, levels).round_()
+            else:
+                codes = clipped.round()
+        elif codes.dtype != v.dtype:
+            codes = codes.to(v.dtype)
+        # dequantize(): float32 codes times float32 scale, in the weight's dtype.
+        c32 = codes if codes.dtype == torch.float32 else codes.to(torch.float32)
+        s32 = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
+        out = _times(c32, s32)
+        if out.dtype != weight.dtype:
+            out = out.to(weight.dtype)
+        ctx.need_w, ctx.need_s, ctx.grad_scale = need_w, need_s, grad_scale
+        if need_w or need_s:
+            inside = clipped == v
+            if need_s:
+                # where(inside, codes - v, codes) in one operation (v is finite).
+                local = torch.addcmul(codes, v, inside, value=-1.0)
+                ctx.sum_dims = tuple(d for d in range(weight.dim()) if scale.shape[d] == 1)
+                ctx.scale_dtype = scale.dtype
+                ctx.save_for_backward(inside, local)
+            else:
+                ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_weight = grad_scale = None
+        if ctx.need_s:
+            inside, local = ctx.saved_tensors
+            full = _times(grad_out, local, ctx.grad_scale)
+            grad_scale = full.sum(dim=ctx.sum_dims, keepdim=True) if ctx.sum_dims else full
+            if grad_scale.dtype != ctx.scale_dtype:
+                grad_scale = grad_scale.to(ctx.scale_dtype)
+        elif ctx.need_w:
+            (inside,) = ctx.saved_tensors
+        if ctx.need_w:
+            grad_weight = grad_out * inside
+        return grad_weight, grad_scale, None, None, None, None, None
+
+
+def fake_quant(weight: torch.Tensor, scale: torch.Tensor, bits: int, learn_scale: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` with a straight-through gradient.
+
+    weight: [out, ...]; scale: ``[out, 1, ...]`` or ``[1, ...]``. Returns the weight's shape
+    and dtype. 32 bits returns ``weight`` itself. With ``learn_scale`` the scale gets LSQ's
+    gradient (see ``_FakeQuant``); otherwise it gets none.
+
+    Values and gradients are those of ``fake_quant_reference`` (``_FakeQuant``) with fewer
+    operations (``_FakeQuantFast``); no host-device synchronisation.
+    """
+    check_bits(bits)
+    if bits == FLOAT_BITS:
+        return weight
+    levels = quant_levels(bits)
+    g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
+    return _FakeQuantFast.apply(weight, scale, None, levels, bits, g, learn_scale)
+
+
+def _float_nested_codes(top_codes: torch.Tensor, bits_hi: int, bits_lo: int) -> torch.Tensor:
+    """``nested_codes`` on float codes (integers in a float tensor), returning float codes.
+
+    Every step is exact in float32 (integers below 2^24, division by a power of two), so the
+    values are those of ``nested_codes``. bits_hi > bits_lo >= 1.
+    """
+    if bits_lo == 1:
+        return torch.where(top_codes >= 0, 1.0, -1.0).to(top_codes.dtype)
+    d = bits_hi - bits_lo
+    # sign(c) * ((|c| + 2^(d-1)) >> d) = trunc((c + sign(c) * 2^(d-1)) / 2^d): 4 operations.
+    shifted = torch.add(top_codes, torch.sign(top_codes), alpha=float(1 << (d - 1)))
+    lo = quant_levels(bits_lo)
+    return shifted.div_(float(1 << d), rounding_mode="trunc").clamp_(-lo, lo)
 
 
 # --------------------------------------------------------------------------------------
@@ -324,7 +451,9 @@ class _ScaledQuantizerBase(nn.Module):
 
     def scale(self, bits: int) -> nn.Parameter:
         """The full (unsliced) scale Parameter of ``bits``: ``[out, 1, ...]`` or ``[1, ...]``."""
-        return self.scales[f"b{bits}"]
+        # ParameterDict's own lookup goes through two Module.__getattr__ calls; this is one
+        # (it runs for every quantized weight of every step).
+        return self.scales._parameters[f"b{bits}"]
 
     @torch.no_grad()
     def init_scales(self, weight: torch.Tensor) -> None:
@@ -335,15 +464,33 @@ class _ScaledQuantizerBase(nn.Module):
         for b in self.scale_bits:
             self.scale(b).copy_(compute_scale(weight, b, self.per_channel, self.method))
         self.initialized.fill_(True)
+        self._host_initialized = True
+
+    def _initialized_on_host(self) -> bool:
+        """``bool(self.initialized)``, read from the device once and then remembered.
+
+        Reading a CUDA buffer synchronises the host with the device; doing it for every
+        weight of every step stalled the supernet step. The flag only goes from False to
+        True (``init_scales``) except through ``load_state_dict``, which forgets it.
+        """
+        if not getattr(self, "_host_initialized", False):
+            self._host_initialized = bool(self.initialized)
+        return self._host_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._host_initialized = False  # re-read the loaded buffer on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _check_slice(self, weight: torch.Tensor) -> None:
         """The weight must be a leading slice of the latent weight (first rows / columns)."""
+        if weight.shape == self.weight_shape and getattr(self, "_host_initialized", False):
+            return  # the common case, checked with one tuple comparison
         ok = weight.dim() == len(self.weight_shape) and all(
             n <= m for n, m in zip(weight.shape, self.weight_shape))
         if not ok:
             raise ValueError(f"weight of shape {tuple(weight.shape)} is not a slice of the latent "
                              f"weight {self.weight_shape}")
-        if not bool(self.initialized):
+        if not self._initialized_on_host():
             if tuple(weight.shape) != self.weight_shape:
                 raise ValueError("scales are not initialised: call init_scales(latent_weight) or run "
                                  "the full (unsliced) weight through the quantizer first")
@@ -352,7 +499,8 @@ class _ScaledQuantizerBase(nn.Module):
     def _sliced_scale(self, bits: int, weight: torch.Tensor) -> torch.Tensor:
         """Scale for a sliced weight: the first ``weight.shape[0]`` channels when per-channel."""
         s = self.scale(bits)
-        return s[: weight.shape[0]] if self.per_channel else s
+        # No slice (and no slice_backward) when all channels are used.
+        return s[: weight.shape[0]] if self.per_channel and weight.shape[0] != s.shape[0] else s
 
     def extra_repr(self) -> str:
         return (f"bits={self.scale_bits}, weight_shape={self.weight_shape}, mode={self.mode}, "
@@ -390,7 +538,19 @@ class MultiPrecisionQuantizer(_ScaledQuantizerBase):
         if bits == FLOAT_BITS:
             return weight
         self._check_slice(weight)
-        return fake_quant(weight, self._sliced_scale(bits, weight), bits, self.learn_scale)
+        scale = self._sliced_scale(bits, weight)
+        # fake_quant without its argument checks (done above), as it runs for every weight.
+        levels = quant_levels(bits)
+        g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
+        return _FakeQuantFast.apply(weight, scale, None, levels, bits, g, self.learn_scale)
+
+    def forward_reference(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        """``forward`` through ``fake_quant_reference`` (the original operations), for tests."""
+        self._check_bits(bits)
+        if bits == FLOAT_BITS:
+            return weight
+        self._check_slice(weight)
+        return fake_quant_reference(weight, self._sliced_scale(bits, weight), bits, self.learn_scale)
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, bits: int) -> QuantizedTensor:
@@ -421,6 +581,7 @@ class NestedQuantizer(_ScaledQuantizerBase):
         if not int_bits:
             raise ValueError("a nested quantizer needs at least one integer bit-width")
         self.top_bits = max(int_bits)
+        self.top_bits_levels = quant_levels(self.top_bits)
         super().__init__([self.top_bits], weight_shape, per_channel, learn_scale, method)
         self.bits = bits
 
@@ -436,6 +597,27 @@ class NestedQuantizer(_ScaledQuantizerBase):
 
     def forward(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         """weight: [k <= out, m <= in, ...] -> fake-quantized weight of the same shape."""
+        if bits == FLOAT_BITS and bits in self.bits:
+            return weight
+        if bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not among this quantizer's bit-widths {self.bits}")
+        self._check_slice(weight)
+        top_scale = self._sliced_scale(self.top_bits, weight)
+        levels = quant_levels(bits)
+        if bits == self.top_bits:
+            # The top codes are round(w / s): the fast function computes them itself.
+            g = lsq_grad_scale(weight.numel(), top_scale.numel(), levels)
+            return _FakeQuantFast.apply(weight, top_scale, None, levels, bits, g, self.learn_scale)
+        # Same values as _codes_and_scale, with the codes kept in float.
+        with torch.no_grad():
+            top_codes = torch.round(weight / top_scale).clamp_(-self.top_bits_levels, self.top_bits_levels)
+            codes = _float_nested_codes(top_codes, self.top_bits, bits)
+        scale = nested_scale(top_scale, self.top_bits, bits, top_codes)
+        g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
+        return _FakeQuantFast.apply(weight, scale, codes, levels, bits, g, self.learn_scale)
+
+    def forward_reference(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        """The original forward (int8 codes, ``_FakeQuant``); tests compare ``forward`` to it."""
         if bits == FLOAT_BITS and bits in self.bits:
             return weight
         self._check_slice(weight)

@@ -104,8 +104,10 @@ class SupernetOptions:
     space: search-space YAML path or inline dict; strategy: sandwich | targets | random;
     num_random: random subnets per step (sandwich, random); targets: subnet strings
     (targets); label_weight / kl_weight: loss of non-teacher subnets; quant: the model's
-    ``QuantConfig`` dict (bits, per_channel, learn_scale, method, mode); init_from: a
-    trained allinone model dir or ESPnet experiment to start from; reorder: sort FFN
+    ``QuantConfig`` dict (bits, per_channel, learn_scale, method, mode); extractor_bits
+    (wav2vec2 only): fixed bit-width of the CNN feature extractor in every subnet (32 =
+    float, else one of quant.bits); init_from: a trained allinone model dir, ESPnet
+    experiment or (wav2vec2) Hugging Face CTC directory to start from; reorder: sort FFN
     units / heads of ``init_from`` by importance; seed: subnet sampling seed (default:
     train.seed).  label_weight defaults to 0.5 (supernet strategies) or 1.0
     (mixed_precision, fixed).
@@ -129,6 +131,7 @@ class SupernetOptions:
     label_weight: float | None = None
     kl_weight: float = 1.0
     quant: dict | None = None
+    extractor_bits: int = 32
     init_from: str | None = None
     reorder: bool = True
     seed: int | None = None

@@ -13,7 +13,9 @@ With ``model.kind: wav2vec2`` the model is a wav2vec2 / HuBERT CTC model
 (``allinone.models.wav2vec2``) fed raw waveforms: the data are cached waveforms instead of
 features (no CMVN, no SpecAugment), batches hold at most ``train.max_samples`` padded
 samples, the model may start from a Hugging Face or fairseq checkpoint, its feature
-extractor may be frozen, and its layers may train at decaying learning rates.
+extractor may be frozen, and its layers may train at decaying learning rates.  With a
+``supernet`` section it is a wav2vec2 supernet trained by the same strategies as the
+Conformer's (``build_wav2vec2``; docs/wav2vec2.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from allinone.elastic.subnet import FLOAT_BITS
 from allinone.train.config import ExperimentConfig, config_to_yaml
 from allinone.utils import atomic_open, atomic_torch_save, setup_logging
 
@@ -148,22 +151,22 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     from allinone.models.asr import ASRModel, ASRModelConfig
     from allinone.train.config import model_kind
 
-    if model_kind(cfg.model) == "wav2vec2":
-        if cfg.supernet:
-            raise ValueError("supernet training of wav2vec2 models is not wired into the trainer yet; "
-                             "remove the supernet section")
-        return build_wav2vec2(cfg, vocab_size)
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
-    model_cfg["vocab_size"] = vocab_size
-    model_cfg.setdefault("encoder", {})
-    model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
     opts = None
     if cfg.supernet:
         from allinone.train.strategies import SupernetOptions
 
         opts = SupernetOptions.from_dict(dict(cfg.supernet))
-        if opts.quant is not None:
-            model_cfg["quant"] = dict(opts.quant)
+    if model_kind(cfg.model) == "wav2vec2":
+        return build_wav2vec2(cfg, vocab_size, opts)
+    if opts is not None and opts.extractor_bits != FLOAT_BITS:
+        raise ValueError("supernet.extractor_bits is for wav2vec2 models (their CNN feature extractor); "
+                         "a Conformer's front end stays float")
+    model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
+    model_cfg["vocab_size"] = vocab_size
+    model_cfg.setdefault("encoder", {})
+    model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
+    if opts is not None and opts.quant is not None:
+        model_cfg["quant"] = dict(opts.quant)
     model = ASRModel(ASRModelConfig.from_dict(model_cfg))
     model.set_normalize_stats(cmvn_stats)
     if opts is not None:
@@ -173,12 +176,21 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     return model
 
 
-def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int):
+def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
     """A ``Wav2Vec2CTCModel`` from ``model.wav2vec2`` (random weights), or from the checkpoint
     ``model.init_from`` with a new CTC head of ``vocab_size`` outputs; the feature extractor
-    is frozen with ``model.freeze_feature_extractor``."""
+    is frozen with ``model.freeze_feature_extractor``.
+
+    opts: the ``SupernetOptions`` of a ``supernet`` section, or None.  With them the model is a
+    supernet: ``supernet.quant`` and ``supernet.extractor_bits`` become ``Wav2Vec2Config.quant`` /
+    ``extractor_bits``; weights come from ``model.init_from`` (a pretrained / fine-tuned
+    checkpoint) or ``supernet.init_from`` (a trained allinone model dir or Hugging Face CTC
+    directory of the same architecture), are sorted by importance (``supernet.reorder``),
+    then the quantizer scales are set and the space attached (``init_supernet``).
+    """
     import dataclasses
 
+    from allinone.elastic.quant import QuantConfig
     from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
     from allinone.train.config import wav2vec2_section
 
@@ -186,8 +198,18 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int):
     fields = dict(section.wav2vec2)
     if "vocab_size" in fields:
         raise ValueError("model.wav2vec2.vocab_size is set by the tokenizer; remove it")
+    if opts is not None and ("quant" in fields or "extractor_bits" in fields):
+        raise ValueError("a wav2vec2 supernet takes quant and extractor_bits from the supernet section "
+                         "(supernet.quant, supernet.extractor_bits), not from model.wav2vec2")
+    supernet_fields: dict = {}
+    if opts is not None:
+        if opts.init_from and section.init_from:
+            raise ValueError("model.init_from and supernet.init_from both given: start the supernet from one")
+        supernet_fields = {"quant": QuantConfig.from_dict(dict(opts.quant)) if opts.quant is not None else None,
+                           "extractor_bits": int(opts.extractor_bits)}
     if section.init_from is None:
-        model = Wav2Vec2CTCModel(Wav2Vec2Config.from_dict({**fields, "vocab_size": vocab_size}))
+        model = Wav2Vec2CTCModel(Wav2Vec2Config.from_dict({**fields, "vocab_size": vocab_size,
+                                                           **supernet_fields}))
     else:
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Wav2Vec2Config)})
         if unknown:
@@ -198,9 +220,11 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int):
             raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
                              "checkpoint's; only *_dropout and encoder_layer_drop can be set")
         source, info = _load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
-        model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields))
+        model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields,
+                                                     **supernet_fields))
         state = {k: v for k, v in source.state_dict().items() if not k.startswith("aux.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".quantizer." not in k]  # a supernet's scales: set below
         if sorted(missing) != ["aux.bias", "aux.weight"] or unexpected:  # cannot happen: same config
             raise RuntimeError(f"init_from did not fit: missing {missing}, unexpected {unexpected}")
         if info.get("normalize") is not None and info["normalize"] != section.normalize_waveform:
@@ -212,6 +236,14 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int):
         # No gradient: autograd builds no graph through the convolutions (the waveform
         # needs none), which also saves most of their activation memory.
         model.feature_extractor.requires_grad_(False)
+    if opts is not None:
+        from allinone.elastic.importance import reorder_by_importance
+        from allinone.elastic.supernet import init_supernet
+
+        if section.init_from is not None and opts.reorder:
+            # Pretrained weights: "the first k" FFN units / heads should be the most important k.
+            reorder_by_importance(model)
+        init_supernet(model, opts.space, opts.init_from, opts.reorder)
     return model
 
 
@@ -261,7 +293,7 @@ def wav2vec2_lr_depth(model, name: str) -> int:
     m = re.match(r"encoder\.transformer\.layers\.(\d+)\.", name)
     if m:
         return n - int(m.group(1))
-    if name.startswith("aux."):
+    if name.startswith(("aux.", "bit_search.")):  # the CTC head; mixed-precision logits
         return 0
     if name.startswith("encoder.transformer.layer_norm."):
         # Pre-LN applies it after the last layer; post-LN right after the positional embedding.

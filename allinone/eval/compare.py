@@ -1,0 +1,200 @@
+"""Compare compression methods: separately trained runs against one float model (issue 6's tables).
+
+``allinone bench`` compares subnets of *one* supernet. Compression methods (uniform QAT,
+two-stage and one-stage mixed precision) give *separate* runs, each a run directory with
+``allocation.json`` (the chosen subnet and its average bits), ``timing.json`` (seconds and
+GPU-seconds of every stage) and ``final/`` (the trained supernet). ``compare_runs`` extracts
+each run's allocation as a packed model, decodes every test set, tests it against the float
+reference with MAPSSWE, and writes one table with WER, significance, average bits, packed
+size, compression ratio and compression time, plus each method's lossless compression ratio:
+the largest ratio (reference fp32 bytes / packed bytes) among the method's systems that no
+test set finds significantly worse than the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from allinone.utils import atomic_open
+
+logger = logging.getLogger("allinone")
+
+__all__ = ["MethodRun", "parse_run", "compare_runs", "lossless_ratios"]
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One compressed system: ``method`` groups systems (e.g. ``one_stage``), ``label`` names this one."""
+
+    method: str
+    label: str
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.label}"
+
+
+def parse_run(text: str) -> MethodRun:
+    """``METHOD/LABEL=RUN_DIR`` (e.g. ``one_stage/b3=exp/mixed/one_stage_b3``) -> ``MethodRun``."""
+    name, sep, path = text.partition("=")
+    method, slash, label = name.partition("/")
+    if not sep or not slash or not method or not label or not path:
+        raise ValueError(f"run {text!r}: expected METHOD/LABEL=RUN_DIR, e.g. one_stage/b3=exp/mixed/one_stage_b3")
+    return MethodRun(method, label, Path(path))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _check_run(run: MethodRun) -> tuple[dict, dict]:
+    """allocation.json and timing.json of a run, after checking the run directory is complete."""
+    if not run.run_dir.is_dir():
+        raise ValueError(f"run {run.name}: directory not found: {run.run_dir}")
+    alloc = _read_json(run.run_dir / "allocation.json", f"run {run.name}: allocation")
+    timing = _read_json(run.run_dir / "timing.json", f"run {run.name}: timing")
+    if "subnet" not in alloc:
+        raise ValueError(f"run {run.name}: {run.run_dir / 'allocation.json'} has no 'subnet'")
+    if not (run.run_dir / "final" / "config.json").is_file():
+        raise ValueError(f"run {run.name}: no trained model at {run.run_dir / 'final'}")
+    return alloc, timing
+
+
+def _decode(model_dir: Path, data_dirs: list[Path], out_dir: Path, beam: int, device: str,
+            num_workers: int) -> dict[str, dict]:
+    """Decode each test set once (reused when its wer.json exists); returns {set: {wer, hyps}}."""
+    from allinone.eval.bench import read_hyps
+    from allinone.eval.decode import DecodeOptions, decode_data_dir
+
+    out = {}
+    for data in data_dirs:
+        dest = out_dir / data.name
+        if not (dest / "wer.json").is_file():
+            decode_data_dir(model_dir, data, dest, DecodeOptions(beam=beam, device=device, num_workers=num_workers))
+        out[data.name] = {"wer": json.loads((dest / "wer.json").read_text()), "hyps": read_hyps(dest)}
+    return out
+
+
+def lossless_ratios(rows: list[dict]) -> dict[str, dict | None]:
+    """Per method: its system with the largest ``ratio_vs_ref`` among those ``lossless`` on every set
+    (None when it has none)."""
+    best: dict[str, dict | None] = {}
+    for row in rows:
+        best.setdefault(row["method"], None)
+        if row["lossless"] and (best[row["method"]] is None or row["ratio_vs_ref"] > best[row["method"]]["ratio_vs_ref"]):
+            best[row["method"]] = row
+    return best
+
+
+def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[str | Path], out_dir: str | Path,
+                 alpha: float = 0.05, beam: int = 1, device: str = "cpu", num_workers: int = 2) -> dict:
+    """Extract, decode and test every run against the float ``reference`` model directory.
+
+    Writes ``out_dir/results.json`` and ``results.md``; returns the results dict. Every input
+    is checked before any decoding starts (a missing run file is an error naming it).
+    """
+    from allinone.elastic.extract import extract_to_dirs, extracted_size
+    from allinone.eval.mapsswe import mapsswe
+    from allinone.models.saved import PACKED_WEIGHTS, load_model_dir
+    from allinone.quant.packed_file import load_packed
+
+    reference, out_dir = Path(reference), Path(out_dir)
+    data_dirs = [Path(d) for d in data_dirs]
+    if not runs:
+        raise ValueError("compare: give at least one run (METHOD/LABEL=RUN_DIR)")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: run names must be unique, got {names}")
+    if not (reference / "config.json").is_file():
+        raise ValueError(f"reference model not found: {reference} (a model directory with config.json)")
+    for d in data_dirs:
+        if not (d / "text").is_file() or not (d / "wav.scp").is_file():
+            raise ValueError(f"test set {d}: not a data directory (needs wav.scp and text)")
+    checked = {r.name: _check_run(r) for r in runs}
+
+    ref_loaded = load_model_dir(reference)
+    ref_fp32 = extracted_size(ref_loaded.model, {}).fp32_bytes
+    ref_dec = _decode(reference, data_dirs, out_dir / "reference", beam, device, num_workers)
+    rows = []
+    for run in runs:
+        alloc, timing = checked[run.name]
+        sys_dir = out_dir / "systems" / run.method / run.label
+        model_dir = sys_dir / "model"
+        if not (model_dir / "config.json").is_file():
+            extract_to_dirs(run.run_dir / "final", [alloc["subnet"]], model_dir)
+        report = load_packed(model_dir / PACKED_WEIGHTS).size_report()  # what `allinone info` prints
+        dec = _decode(model_dir, data_dirs, sys_dir, beam, device, num_workers)
+        per_set = {}
+        for name, d in dec.items():
+            refs = {u: t for u, t in _refs(data_dirs, name).items() if u in d["hyps"]}
+            test = mapsswe(refs, d["hyps"], {u: ref_dec[name]["hyps"][u] for u in refs}, alpha=alpha)
+            per_set[name] = {"wer": d["wer"]["wer"], "sub": d["wer"]["sub"], "del": d["wer"]["del"],
+                             "ins": d["wer"]["ins"], "p_value": test.p_value,
+                             "worse": test.significant and test.better == "b"}
+        rows.append({
+            "method": run.method, "label": run.label, "run_dir": str(run.run_dir), "subnet": alloc["subnet"],
+            "average_bits": report.average_bits, "target_bits": alloc.get("target_bits"),
+            "allocation_method": alloc.get("method"), "params": report.total_params,
+            "packed_bytes": report.packed_bytes, "ratio_vs_ref": ref_fp32 / report.packed_bytes,
+            "compression_seconds": timing.get("total_seconds"), "compression_gpu_seconds": timing.get("total_gpu_seconds"),
+            "devices": sorted({s.get("device", "?") for s in timing.get("stages", [])}),
+            "sets": per_set, "lossless": not any(s["worse"] for s in per_set.values()),
+        })
+    best = lossless_ratios(rows)
+    results = {
+        "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, "beam": beam,
+        "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()}, "systems": rows,
+        "lossless": {m: (None if r is None else {"label": r["label"], "subnet": r["subnet"],
+                                                 "ratio_vs_ref": r["ratio_vs_ref"]}) for m, r in best.items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / "results.json") as f:
+        json.dump(results, f, indent=1)
+    with atomic_open(out_dir / "results.md") as f:
+        f.write(format_markdown(results))
+    return results
+
+
+def _refs(data_dirs: list[Path], name: str) -> dict[str, str]:
+    from allinone.data.kaldi import read_data_dir
+
+    d = next(d for d in data_dirs if d.name == name)
+    return {u.utt_id: u.text for u in read_data_dir(d)}
+
+
+def format_markdown(results: dict) -> str:
+    """The comparison table and the per-method lossless compression ratios."""
+    sets = list(results["reference_wer"])
+    head = ["method", "system", "subnet", "avg bits", "packed MiB", "ratio vs ref"]
+    head += [f"WER {s} (S/D/I)" for s in sets] + [f"p {s}" for s in sets]
+    head += ["lossless", "compression s (GPU-s)"]
+    lines = [f"Reference: {results['reference']} (fp32 {results['reference_fp32_bytes'] / 2**20:.3f} MiB; WER "
+             + ", ".join(f"{s} {w:.2f}" for s, w in results["reference_wer"].items())
+             + f"). MAPSSWE at alpha = {results['alpha']}; ▲ = significantly worse than the reference.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["systems"]:
+        cells = [r["method"], r["label"], r["subnet"], f"{r['average_bits']:.2f}", f"{r['packed_bytes'] / 2**20:.3f}",
+                 f"{r['ratio_vs_ref']:.2f}x"]
+        for s in sets:
+            x = r["sets"][s]
+            cells.append(f"{x['wer']:.2f}{' ▲' if x['worse'] else ''} ({x['sub']}/{x['del']}/{x['ins']})")
+        cells += [f"{r['sets'][s]['p_value']:.3f}" for s in sets]
+        secs, gpu = r["compression_seconds"], r["compression_gpu_seconds"]
+        cells += ["yes" if r["lossless"] else "no",
+                  "-" if secs is None else f"{secs:.0f} ({gpu:.0f})" if gpu is not None else f"{secs:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Lossless compression ratio per method (largest ratio vs the reference with no significant "
+              "WER increase on any test set):", ""]
+    for method, best in results["lossless"].items():
+        lines.append(f"- {method}: " + ("none of its systems is lossless" if best is None else
+                                        f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+    return "\n".join(lines) + "\n"

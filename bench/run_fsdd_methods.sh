@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 6's method comparison at CPU scale on the shipped connected digits: uniform QAT,
+# two-stage (KL sensitivity + QAT) and one-stage mixed precision, each from the demo float
+# model with the same number of steps, then `allinone.eval.compare` against the float model.
+# The GPU experiment on speechocean762 runs the same commands with conf/mixed/so762_conformer.yaml.
+# Needs the demo model first: (cd egs/fsdd_digits/asr1 && ./run.sh).   Usage: bench/run_fsdd_methods.sh [STEPS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=$root/.venv/bin/python
+steps=${1:-150}
+cd "$root/egs/fsdd_digits/asr1"
+float=exp/fsdd_digits/conformer_demo/final
+[ -f $float/config.json ] || { echo "$0: run egs/fsdd_digits/asr1/run.sh first" >&2; exit 1; }
+exp=exp/fsdd_digits/methods_s$steps
+C="$root/conf/mixed/fsdd_demo.yaml train.max_steps=$steps train.max_epochs=100"
+train() { local dir=$1; shift; [ -f $exp/$dir/allocation.json ] || $python -m allinone.cli train $C exp_dir=$exp/$dir "$@"; }
+for b in 8 4 3 2; do
+  train uniform_b$b supernet.strategy=fixed supernet.subnet=L3_F256_H4_B$b
+done
+for t in 4 3; do
+  train one_stage_b$t supernet.target_bits=$t
+  [ -f $exp/s1_kl_b$t/allocation.json ] || \
+    $python -m allinone.cli allocate $C supernet.target_bits=$t --method kl --out $exp/s1_kl_b$t --num-batches 8 --device cpu
+  train two_stage_kl_b$t supernet.strategy=fixed supernet.subnet=$exp/s1_kl_b$t/allocation.json
+done
+runs=""
+for b in 8 4 3 2; do runs="$runs uniform/b$b=$exp/uniform_b$b"; done
+for t in 4 3; do runs="$runs one_stage/b$t=$exp/one_stage_b$t two_stage_kl/b$t=$exp/two_stage_kl_b$t"; done
+$python -m allinone.cli compare $float $runs --data data/test --out $exp/compare
+cat $exp/compare/results.md
