@@ -148,6 +148,17 @@ def cmd_bench(args) -> None:
           f"reference {res['reference']}, MAPSSWE alpha {res['alpha']})")
 
 
+def cmd_compare(args) -> None:
+    from allinone.eval.compare import compare_runs, parse_run
+
+    res = compare_runs(args.reference, [parse_run(r) for r in args.runs], args.data, args.out, alpha=args.alpha,
+                       beam=args.beam, device=args.device, num_workers=args.num_workers)
+    print(f"{len(res['systems'])} systems against {args.reference} -> {args.out}/results.md, results.json")
+    for method, best in res["lossless"].items():
+        print(f"lossless compression ratio of {method}: "
+              + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+
+
 def cmd_search(args) -> None:
     from allinone.eval.search import Budget, SearchOptions, run_search
 
@@ -257,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-latency", action="store_true", help="skip latency and memory measurements")
     bn.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
     bn.set_defaults(func=cmd_bench)
+
+    cm = sub.add_parser("compare", help="separately trained compression runs against a float model "
+                                        "(docs/mixed_precision.md)")
+    cm.add_argument("reference", help="float model directory (exp/.../final)")
+    cm.add_argument("runs", nargs="+", help="METHOD/LABEL=RUN_DIR, each run dir holding allocation.json, "
+                                            "timing.json and final/")
+    cm.add_argument("--data", nargs="+", required=True, help="Kaldi data directories (test sets)")
+    cm.add_argument("--out", required=True, help="output directory (re-running reuses decodes)")
+    cm.add_argument("--alpha", type=float, default=0.05, help="MAPSSWE significance level")
+    cm.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
+    cm.add_argument("--device", default="cpu")
+    cm.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
+    cm.set_defaults(func=cmd_compare)
 
     se = sub.add_parser("search", help="best subnet under a size / bits / latency budget (docs/benchmark.md)")
     se.add_argument("model", help="supernet model directory (exp/.../final)")

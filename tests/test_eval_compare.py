@@ -116,3 +116,14 @@ def test_bad_inputs_fail_before_any_work(setup, tmp_path):
         compare_runs(setup["reference"], [parse_run(setup["runs"][0])] * 2, [setup["data"]], tmp_path / "out")
     with pytest.raises(ValueError, match="not a data directory"):
         compare_runs(setup["reference"], [parse_run(setup["runs"][0])], [tmp_path], tmp_path / "out")
+
+
+def test_cli(setup, capsys):
+    from allinone.cli import main
+
+    rc = main(["compare", str(setup["reference"]), *setup["runs"], "--data", str(setup["data"]),
+               "--out", str(setup["out"]), "--num-workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "3 systems against" in out and "lossless compression ratio of uniform:" in out
+    rc = main(["compare", str(setup["reference"]), "bad-run", "--data", str(setup["data"]), "--out", str(setup["out"])])
+    assert rc != 0 and "expected METHOD/LABEL=RUN_DIR" in capsys.readouterr().err
