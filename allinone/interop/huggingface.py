@@ -61,15 +61,19 @@ HF_DEFAULTS: dict[str, Any] = {
     "add_adapter": False,
     "adapter_attn_dim": None,
     "conv_pos_batch_norm": False,
+    "mask_time_prob": 0.05,
+    "mask_time_length": 10,
+    "mask_time_min_masks": 2,
 }
 
 _EXTRACTOR_MODES = {"group": "group_norm", "layer": "layer_norm"}
 
-# Weights of the HF model that the CTC forward does not use (SpecAugment's mask vector).
-_IGNORED = ("masked_spec_embed",)
+# Weights of the HF model that our model has no place for (none at present).
+_IGNORED: tuple[str, ...] = ()
 
 # Base-model weight names (prefix stripped) -> ours, first match wins.
 _RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^masked_spec_embed$", r"encoder.time_masking.mask_emb"),  # only when mask_time_prob > 0
     (r"^feature_extractor\.conv_layers\.(\d+)\.(conv|layer_norm)\.(weight|bias)$",
      r"feature_extractor.conv_layers.\1.\2.\3"),
     (r"^feature_projection\.(layer_norm|projection)\.(weight|bias)$", r"encoder.feature_projection.\1.\2"),
@@ -153,6 +157,9 @@ def hf_to_config(hf: Mapping[str, Any]) -> Wav2Vec2Config:
         feature_projection_layer_norm=bool(_get(hf, "feat_proj_layer_norm")) if hf.get("model_type") == "hubert"
         else True,
         layer_norm_eps=float(_get(hf, "layer_norm_eps")),
+        mask_time_prob=float(_get(hf, "mask_time_prob") or 0.0),
+        mask_time_length=int(_get(hf, "mask_time_length")),
+        mask_time_min_masks=int(_get(hf, "mask_time_min_masks")),
     )
     try:
         return config.validate()
@@ -228,7 +235,10 @@ def load_hf_ctc(path: str | os.PathLike) -> tuple[Wav2Vec2CTCModel, dict[str, An
     config = hf_to_config(hf)
     state, weights_file = _read_weights(path)
     mapped, ignored, sources = map_hf_state_dict(state, prefix)
-
+    if config.mask_time_prob == 0.0 and "encoder.time_masking.mask_emb" in mapped:
+        # transformers keeps the vector for feature masking too; without time masking it is unused.
+        mapped.pop("encoder.time_masking.mask_emb")
+        ignored.append(sources.pop("encoder.time_masking.mask_emb"))
     model = Wav2Vec2CTCModel(config)
     own = model.state_dict()
     missing = sorted(set(own) - set(mapped))

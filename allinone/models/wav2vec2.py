@@ -123,6 +123,12 @@ class Wav2Vec2Config:
     # extractor's convolutions in every subnet (32 = float, the default; else one of quant.bits).
     quant: QuantConfig | None = None
     extractor_bits: int = FLOAT_BITS
+    # Fine-tuning regularisation (training mode only; 0 = off, the default): spans of
+    # ``mask_time_length`` projected frames replaced by a learned vector, as transformers'
+    # ``mask_time_prob`` / ``mask_time_length`` / ``mask_time_min_masks`` (fairseq's mask_prob).
+    mask_time_prob: float = 0.0
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -149,6 +155,10 @@ class Wav2Vec2Config:
 
     def validate(self) -> "Wav2Vec2Config":
         """Raise ``ValueError`` naming the first unsupported or inconsistent field."""
+        if not 0.0 <= self.mask_time_prob < 1.0 or self.mask_time_length < 1 or self.mask_time_min_masks < 0:
+            raise ValueError(f"Wav2Vec2Config time masking: need 0 <= mask_time_prob < 1, mask_time_length >= 1, "
+                             f"mask_time_min_masks >= 0; got {self.mask_time_prob}, {self.mask_time_length}, "
+                             f"{self.mask_time_min_masks}")
         if self.extractor_mode not in EXTRACTOR_MODES:
             raise ValueError(f"Wav2Vec2Config.extractor_mode={self.extractor_mode!r} is not supported; "
                              f"supported: {', '.join(map(repr, EXTRACTOR_MODES))}")
@@ -482,13 +492,52 @@ class Transformer(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """Feature projection, zeroing of padded frames, then the transformer."""
+class TimeMasking(nn.Module):
+    """wav2vec2's fine-tuning masking: random spans of frames replaced by a learned vector.
 
-    def __init__(self, feature_projection: FeatureProjection, transformer: Transformer):
+    Per utterance of ``n`` valid frames, ``max(min_masks, int(prob * n / length + u))`` span
+    starts (``u`` uniform in [0, 1), as transformers' ``_compute_mask_indices``) are drawn
+    without replacement from the first ``n - length + 1`` frames; each masks ``length``
+    frames (spans may overlap, so about ``prob`` of the frames are masked). Identity in eval
+    mode. ``mask_emb`` [D] is transformers' ``masked_spec_embed`` / fairseq's ``mask_emb``.
+    """
+
+    def __init__(self, embed_dim: int, prob: float, length: int, min_masks: int):
+        super().__init__()
+        self.prob, self.length, self.min_masks = prob, length, min_masks
+        self.mask_emb = nn.Parameter(torch.empty(embed_dim).uniform_())
+
+    def span_mask(self, frames: int, lengths: list[int], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Boolean ``[B, frames]``: True where a frame is masked (always inside its utterance)."""
+        mask = torch.zeros(len(lengths), frames, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            if n < self.length:
+                continue  # too short for one span
+            spans = int(self.prob * n / self.length + torch.rand((), generator=generator).item())
+            spans = min(max(spans, self.min_masks), n - self.length + 1)
+            for start in torch.randperm(n - self.length + 1, generator=generator)[:spans].tolist():
+                mask[b, start:start + self.length] = True
+        return mask
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, T, D] projected features, lengths: [B] valid frames or None -> [B, T, D]."""
+        if not self.training or self.prob == 0.0:
+            return x
+        n = lengths.tolist() if lengths is not None else [x.shape[1]] * x.shape[0]
+        mask = self.span_mask(x.shape[1], n).to(x.device)
+        return torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+
+
+class Encoder(nn.Module):
+    """Feature projection, zeroing of padded frames, time masking (training only, when
+    configured), then the transformer."""
+
+    def __init__(self, feature_projection: FeatureProjection, transformer: Transformer,
+                 time_masking: "TimeMasking | None" = None):
         super().__init__()
         self.feature_projection = feature_projection
         self.transformer = transformer
+        self.time_masking = time_masking
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None,
                 subnet: SubnetConfig | None = None) -> torch.Tensor:
@@ -498,6 +547,8 @@ class Encoder(nn.Module):
         if lengths is not None:
             key_mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # [B, T]
             x = x.masked_fill(~key_mask[..., None], 0.0)
+        if self.time_masking is not None:
+            x = self.time_masking(x, lengths)
         return self.transformer(x, key_mask, subnet)
 
 
@@ -533,7 +584,9 @@ class Wav2Vec2CTCModel(nn.Module):
         projection = FeatureProjection(config.extractor_conv_layer_config[-1][0], d,
                                        config.encoder_projection_dropout, config.feature_projection_layer_norm,
                                        config.layer_norm_eps)
-        self.encoder = Encoder(projection, transformer)
+        masking = (TimeMasking(d, config.mask_time_prob, config.mask_time_length, config.mask_time_min_masks)
+                   if config.mask_time_prob > 0.0 else None)  # no parameter when off: torchaudio's keys
+        self.encoder = Encoder(projection, transformer, masking)
         self.final_dropout = nn.Dropout(config.final_dropout)
         self.aux = nn.Linear(d, config.vocab_size)
         if config.quant is not None:

@@ -215,16 +215,20 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
         if unknown:
             raise ValueError(f"unknown Wav2Vec2Config fields: {unknown}")
         # Only training-time settings may differ from the checkpoint's architecture.
-        not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k == "encoder_layer_drop"))
+        tunable = ("encoder_layer_drop", "mask_time_prob", "mask_time_length", "mask_time_min_masks")
+        not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k in tunable))
         if not_tunable:
             raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
-                             "checkpoint's; only *_dropout and encoder_layer_drop can be set")
+                             f"checkpoint's; only *_dropout and {', '.join(tunable)} can be set")
         source, info = _load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
         model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields,
                                                      **supernet_fields))
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith("aux.")}
+        # The masking vector follows mask_time_prob: dropped when masking is turned off, new
+        # (uniform, as transformers initialises it) when turned on for a checkpoint without one.
+        state = {k: v for k, v in source.state_dict().items()
+                 if not k.startswith("aux.") and (k in model.state_dict() or not k.startswith("encoder.time_masking."))}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".quantizer." not in k]  # a supernet's scales: set below
+        missing = [k for k in missing if ".quantizer." not in k and not k.startswith("encoder.time_masking.")]
         if sorted(missing) != ["aux.bias", "aux.weight"] or unexpected:  # cannot happen: same config
             raise RuntimeError(f"init_from did not fit: missing {missing}, unexpected {unexpected}")
         if info.get("normalize") is not None and info["normalize"] != section.normalize_waveform:
