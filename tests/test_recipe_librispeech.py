@@ -100,7 +100,9 @@ def test_init_from_hugging_face_fine_tunes_and_decodes(mini_librispeech, tmp_pat
     torch.manual_seed(0)
     hf = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
         vocab_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+        # wav2vec2's real 320x downsampling (20 ms frames): LibriSpeech utterances are up to 35 s, and
+        # attention over a finer frame rate would need gigabytes.
+        conv_dim=(16, 16, 16), conv_kernel=(10, 8, 8), conv_stride=(5, 8, 8), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4))
     hf.save_pretrained(tmp_path / "hf")
     r = run(["--librispeech", mini_librispeech, "--allow_missing_subsets", "true", "--speed_perturb", "1.0",
