@@ -433,9 +433,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         for i, batch in enumerate(train_loader):
             if i < skip:
                 continue  # resuming mid-epoch: the sampler's order is deterministic per epoch
-            batch = to_device(batch, device)
             if specaug is not None:
+                # On the CPU batch, before the copy: SpecAugment loops over utterances, which on
+                # the GPU would be hundreds of tiny kernels and a host sync (lengths.tolist()) per step.
                 batch["feats"], _ = specaug(batch["feats"], batch["feat_lens"])
+            batch = to_device(batch, device)
             sync = (i + 1) % accum == 0
             logs = strategy.step(ddp_model, model, batch, use_bf16=use_bf16, loss_scale=1.0 / accum,
                                  sync_grads=sync or world == 1)
