@@ -42,7 +42,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Log to stderr and, when given, to ``log_file`` (appending, so resumed runs keep history)."""
+    """Log to stderr and, when given, to ``log_file`` only (appending, so resumed runs keep history)."""
     logger = logging.getLogger("allinone")
     logger.setLevel(level)
     logger.propagate = False  # libraries that configure the root logger would print every line twice
@@ -55,6 +55,12 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     if log_file is not None:
         log_file = Path(log_file)
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        # One run, one log file: a file handler of an earlier run in this process (a notebook,
+        # a test, a sweep) would otherwise keep receiving this run's lines.
+        for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                  and Path(h.baseFilename) != log_file.resolve()]:
+            logger.removeHandler(h)
+            h.close()
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve()
                    for h in logger.handlers):
             fh = logging.FileHandler(log_file)

@@ -105,3 +105,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "model directory not found" in err and "Traceback" not in err
     assert cli(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager(digits, tmp_path):
+    """train.compile: the compiled forward trains the same model as eager (aot_eager: capture
+    and autograd through the compiled graph, no code generation, so it runs in seconds)."""
+    losses = {}
+    for backend in ("null", "aot_eager"):
+        exp = tmp_path / backend
+        train(tiny_config(digits, exp, max_epochs=1, max_steps=3, compile=backend))
+        losses[backend] = json.loads((exp / "history.json").read_text())[0]["valid_loss"]
+    assert losses["aot_eager"] == pytest.approx(losses["null"], rel=1e-4)
+    assert "compiled with torch.compile(backend='aot_eager')" in (tmp_path / "aot_eager" / "train.log").read_text()
+    assert "torch.compile(" not in (tmp_path / "null" / "train.log").read_text()
+    with pytest.raises(ValueError, match="train.compile='nvcc' is not a torch.compile backend"):
+        train(tiny_config(digits, tmp_path / "bad", max_epochs=1, max_steps=1, compile="nvcc"))

@@ -79,6 +79,9 @@ class TrainSection:
     # Stop after this much training time (0 = no limit) and still validate, average and save;
     # for fixed-budget comparisons and machines lent for a limited time.
     time_limit_minutes: float = 0.0
+    # torch.compile backend for the training forward (null = eager): "inductor" on a GPU fuses the
+    # launch-bound elementwise work (docs/benchmarks.md section 5); "aot_eager" checks capture only.
+    compile: Optional[str] = None
 
 
 MODEL_KINDS = ("conformer", "wav2vec2")

@@ -394,6 +394,16 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     strategy = build_strategy(cfg.supernet, model, seed=cfg.train.seed, base_lr=cfg.optim.lr)
     ddp_model = DistributedDataParallel(model, find_unused_parameters=strategy.skips_parameters) \
         if world > 1 else model
+    if cfg.train.compile:
+        # Compiles the module that the strategies call; checkpoints still come from ``model``
+        # (no "_orig_mod." prefixes). dynamic=True: batch and length change every step.
+        from torch._dynamo import list_backends
+
+        if cfg.train.compile not in list_backends(exclude_tags=()):
+            raise ValueError(f"train.compile={cfg.train.compile!r} is not a torch.compile backend; "
+                             f"known: {', '.join(list_backends(exclude_tags=()))}")
+        ddp_model = torch.compile(ddp_model, backend=cfg.train.compile, dynamic=True)
+        logger.info("training forward compiled with torch.compile(backend=%r)", cfg.train.compile)
     optim = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     waveforms = model_kind(cfg.model) == "wav2vec2"
     specaug = build_specaug(cfg) if cfg.specaug.enabled and not waveforms else None
