@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import torch
 
-from allinone.interop.keymap import apply_rename
+from allinone.interop.keymap import apply_rename, load_checked
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
 
 __all__ = ["load_fairseq_ctc", "read_fairseq_checkpoint", "fairseq_to_config", "map_fairseq_state_dict",
@@ -383,19 +383,8 @@ def load_fairseq_ctc(path: str | os.PathLike, vocab_size: int | None = None,
     sources = info["sources"]
     name = Path(path).name
     model = Wav2Vec2CTCModel(config)
-    own = model.state_dict()
-    needed = set(own) - ({"aux.weight", "aux.bias"} if not info["has_head"] else set())
-    missing = sorted(needed - set(mapped))
-    if missing:
-        raise ValueError(f"{name} lacks weights its config needs: {missing}")
-    for key, value in mapped.items():
-        if key not in own:
-            raise ValueError(f"{name} has weight {sources[key]!r} that its config has no place for "
-                             "(do the config and the weights match?)")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{name}: weight {sources[key]!r} (our {key!r}) has shape {tuple(value.shape)}, "
-                             f"the config needs {tuple(own[key].shape)}")
-    model.load_state_dict(mapped, strict=False)
+    load_checked(model, mapped, sources, name,
+                 optional=frozenset() if info["has_head"] else frozenset({"aux.weight", "aux.bias"}))
     model.eval()
     if info["ignored_keys"]:
         logger.info("%s: ignored %d weights the CTC model does not use (%s%s)", name, len(info["ignored_keys"]),

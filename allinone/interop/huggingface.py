@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from allinone.interop.keymap import apply_rename
+from allinone.interop.keymap import apply_rename, load_checked
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
 
 __all__ = ["load_hf_ctc", "hf_to_config", "map_hf_state_dict", "HF_ARCHITECTURES", "HF_DEFAULTS"]
@@ -240,18 +240,7 @@ def load_hf_ctc(path: str | os.PathLike) -> tuple[Wav2Vec2CTCModel, dict[str, An
         mapped.pop("encoder.time_masking.mask_emb")
         ignored.append(sources.pop("encoder.time_masking.mask_emb"))
     model = Wav2Vec2CTCModel(config)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(mapped))
-    if missing:
-        raise ValueError(f"{weights_file.name} lacks weights the config needs: {missing}")
-    for key, value in mapped.items():
-        if key not in own:
-            raise ValueError(f"{weights_file.name} has weight {sources[key]!r} that this config has no place for "
-                             "(does config.json match the weights?)")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{weights_file.name}: weight {sources[key]!r} (our {key!r}) has shape "
-                             f"{tuple(value.shape)}, config.json needs {tuple(own[key].shape)}")
-    model.load_state_dict(mapped, strict=True)
+    load_checked(model, mapped, sources, weights_file.name)
     model.eval()
     info = {"model_type": model_type, "architecture": arch, "weights": str(weights_file),
             "ignored_keys": ignored, "hf_config": hf}

@@ -1,4 +1,4 @@
-"""Renaming checkpoint weights by ordered regex rules: shared by the Hugging Face and fairseq loaders."""
+"""Checkpoint weights to our names by ordered regex rules, then loading them with checks: shared by the Hugging Face and fairseq loaders."""
 
 from __future__ import annotations
 
@@ -24,3 +24,25 @@ def apply_rename(rules: tuple[tuple[str, str], ...], rest: str, key: str, value:
             sources[new] = key
             return True
     return False
+
+
+def load_checked(model: torch.nn.Module, mapped: dict[str, torch.Tensor], sources: dict[str, str], name: str,
+                 optional: frozenset[str] = frozenset()) -> None:
+    """Load ``mapped`` (our names) into ``model`` after checking that the weights and the config fit.
+
+    Every weight of the model must be there except ``optional`` ones (e.g. a new CTC head); no
+    mapped weight may lack a place or have another shape. Errors name the checkpoint ``name``
+    and the checkpoint's own key (``sources``).
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(optional) - set(mapped))
+    if missing:
+        raise ValueError(f"{name} lacks weights its config needs: {missing}")
+    for key, value in mapped.items():
+        if key not in own:
+            raise ValueError(f"{name} has weight {sources[key]!r} that its config has no place for "
+                             "(do the config and the weights match?)")
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"{name}: weight {sources[key]!r} (our {key!r}) has shape {tuple(value.shape)}, "
+                             f"the config needs {tuple(own[key].shape)}")
+    model.load_state_dict(mapped, strict=False)
