@@ -1,4 +1,7 @@
-"""Checkpoint weights to our names by ordered regex rules, then loading them with checks: shared by the Hugging Face and fairseq loaders."""
+"""Checkpoint weights renamed to ours by ordered regex rules, then loaded with checks.
+
+Shared by the Hugging Face and fairseq loaders.
+"""
 
 from __future__ import annotations
 
