@@ -33,16 +33,7 @@ from allinone.elastic.supernet import init_supernet
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.train.strategies import build_strategy
-
-PRESETS = {
-    "swbd": (dict(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31),
-             32, 1000, 2003),
-    "so762": (dict(output_size=176, attention_heads=4, linear_units=704, num_blocks=12, cnn_module_kernel=15),
-              28, 450, 300),
-    "tiny": (dict(output_size=64, attention_heads=4, linear_units=128, num_blocks=2, cnn_module_kernel=7),
-             4, 200, 50),
-}
-
+from bench_train_step import PRESETS  # (bench/ is on sys.path when this script runs)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

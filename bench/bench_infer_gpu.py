@@ -18,28 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
+from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
 
 from allinone.eval.latency import int8_model
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.quant.quantizer import QuantizedTensor
-
-
-def median_ms(fn, repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
 
 
 def int8_twin(model: ASRModel) -> ASRModel:
@@ -79,12 +65,12 @@ def main() -> None:
                     return m.ctc_log_probs(enc_out)
 
             with torch.no_grad():
-                eager = median_ms(lambda: forward(feats, lens), args.repeats)
+                eager = timed(lambda: forward(feats, lens), 10, args.repeats, "cuda")
                 graphed = float("nan")
                 if not args.no_compile:
                     try:
                         compiled = torch.compile(forward, mode="reduce-overhead", dynamic=False)
-                        graphed = median_ms(lambda: compiled(feats, lens), args.repeats)
+                        graphed = timed(lambda: compiled(feats, lens), 10, args.repeats, "cuda")
                     except Exception as e:  # a variant that cannot be compiled is a finding: report it
                         print(f"<!-- {name} batch {batch}: torch.compile failed: {type(e).__name__}: "
                               f"{str(e)[:300]} -->")

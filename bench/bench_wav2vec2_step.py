@@ -19,12 +19,11 @@ Run:  python bench/bench_wav2vec2_step.py --device cuda
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import torchaudio
+from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
 
 from allinone.elastic.quant import QuantConfig
 from allinone.elastic.supernet import init_supernet
@@ -51,24 +50,6 @@ def torchaudio_kwargs(cfg: Wav2Vec2Config) -> dict:
     out["extractor_conv_layer_config"] = [tuple(c) for c in d["extractor_conv_layer_config"]]
     out["aux_num_out"] = cfg.vocab_size
     return out
-
-
-def median_ms(step, warmup: int, repeats: int, device: str) -> float:
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -131,7 +112,7 @@ def main() -> None:
             rows.append((name, make_step(sup, lambda s=subnet: sup(waves, lens, subnet=s))))
         base = None
         for name, step in rows:
-            ms = median_ms(step, args.warmup, args.repeats, dev)
+            ms = timed(step, args.warmup, args.repeats, dev)
             base = base or ms
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
             print(f"| {layout} | {name} | {ms:.1f} | {ms / base:.2f}x | {mem:.2f} |", flush=True)

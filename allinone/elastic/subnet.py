@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["KINDS", "FLOAT_BITS", "EXTRACTOR_KIND", "LayerChoice", "SubnetConfig", "module_kind"]
+__all__ = ["KINDS", "FLOAT_BITS", "EXTRACTOR_KIND", "LayerChoice", "SubnetConfig", "module_kind",
+           "check_fits"]
 
 FLOAT_BITS = 32
 # Module kinds whose weights may take their own bit-width: self-attention
@@ -117,3 +118,20 @@ class SubnetConfig:
         """Unweighted mean bit-width over blocks and kinds (for ordering teachers)."""
         vals = [c.bits(k) for c in self.layers for k in KINDS]
         return sum(vals) / len(vals)
+
+
+def check_fits(subnet: SubnetConfig, num_layers: int, units_of, heads_of, unit: str, whole: str) -> None:
+    """Raise ``ValueError`` if ``subnet`` asks for layers or widths a model lacks.
+
+    num_layers: the model's layers (blocks); units_of(i) / heads_of(i): FFN units / heads of
+    layer i; unit: what a layer is called ("block", "layer"); whole: the model's layer count
+    in words, for the message ("the encoder has 12 blocks").
+    """
+    for c in subnet.layers:
+        if not 0 <= c.index < num_layers:
+            raise ValueError(f"subnet uses {unit} {c.index}, but {whole}")
+        units, heads = units_of(c.index), heads_of(c.index)
+        if not 1 <= c.ffn <= units:
+            raise ValueError(f"subnet asks {unit} {c.index} for {c.ffn} FFN units; it has 1..{units}")
+        if not 1 <= c.heads <= heads:
+            raise ValueError(f"subnet asks {unit} {c.index} for {c.heads} heads; it has 1..{heads}")

@@ -102,6 +102,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     Writes ``out_dir/results.json`` and ``results.md``; returns the results dict. Every input
     is checked before any decoding starts (a missing run file is an error naming it).
     """
+    from allinone.data.kaldi import read_data_dir
     from allinone.elastic.extract import extract_to_dirs, extracted_size
     from allinone.eval.mapsswe import mapsswe
     from allinone.models.saved import PACKED_WEIGHTS, load_model_dir
@@ -124,6 +125,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     ref_loaded = load_model_dir(reference)
     ref_fp32 = extracted_size(ref_loaded.model, {}).fp32_bytes
     ref_dec = _decode(reference, data_dirs, out_dir / "reference", beam, device, num_workers)
+    refs_of = {d.name: {u.utt_id: u.text for u in read_data_dir(d)} for d in data_dirs}
     rows = []
     for run in runs:
         alloc, timing = checked[run.name]
@@ -135,7 +137,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         dec = _decode(model_dir, data_dirs, sys_dir, beam, device, num_workers)
         per_set = {}
         for name, d in dec.items():
-            refs = {u: t for u, t in _refs(data_dirs, name).items() if u in d["hyps"]}
+            refs = {u: t for u, t in refs_of[name].items() if u in d["hyps"]}
             test = mapsswe(refs, d["hyps"], {u: ref_dec[name]["hyps"][u] for u in refs}, alpha=alpha)
             per_set[name] = {"wer": d["wer"]["wer"], "sub": d["wer"]["sub"], "del": d["wer"]["del"],
                              "ins": d["wer"]["ins"], "p_value": test.p_value,
@@ -162,13 +164,6 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     with atomic_open(out_dir / "results.md") as f:
         f.write(format_markdown(results))
     return results
-
-
-def _refs(data_dirs: list[Path], name: str) -> dict[str, str]:
-    from allinone.data.kaldi import read_data_dir
-
-    d = next(d for d in data_dirs if d.name == name)
-    return {u.utt_id: u.text for u in read_data_dir(d)}
 
 
 def format_markdown(results: dict) -> str:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allinone.elastic.slicing import subnet_weight  # shared with the wav2vec2 model; re-exported here
-from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig
+from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig, check_fits
 
 __all__ = [
     "ConformerConfig",
@@ -422,24 +422,18 @@ class RelPositionSelfAttention(nn.Module):
         x: [batch, heads, T, 2T-1] whose column k belongs to relative position T-1-k.
         Returns [batch, heads, T, T] with out[..., i, j] = x[..., i, T-1-i+j].
 
-        A strided view, no copy (and no kernel): element ``(i, j)`` sits ``i * (row stride
-        - column stride) + (T-1+j) * column stride`` past the start, so moving one row down
-        moves one column left.  Its backward is a zero fill and one strided copy (a gather
-        would need a scatter-add).
+        Views only (no gather, whose backward would be a scatter-add): in the flattened
+        ``[T * (2T-1)]`` rows, element ``(i, j)`` sits at ``T-1 + i*(2T-2) + j``, so rows of
+        ``2T-2`` starting at ``T-1`` hold the shifted rows in their first ``T`` columns.
+        (Plain views rather than ``as_strided``, so ``torch.compile`` captures it too.)
         """
         t = x.size(-2)
         if x.size(-1) != 2 * t - 1:
             raise ValueError(f"rel_shift expects [..., T, 2T-1], got {tuple(x.shape)}")
         if t == 1:
             return x
-        if torch.compiler.is_compiling():
-            # storage_offset() would break the graph; the same element choice with plain
-            # views: in the flattened [T * (2T-1)] rows, (i, j) sits at T-1 + i*(2T-2) + j.
-            flat = x.reshape(*x.shape[:-2], t * (2 * t - 1))
-            return flat[..., t - 1: t - 1 + t * (2 * t - 2)].unflatten(-1, (t, 2 * t - 2))[..., :t]
-        *lead, s_row, s_col = x.stride()
-        return x.as_strided((*x.shape[:-1], t), (*lead, s_row - s_col, s_col),
-                            x.storage_offset() + (t - 1) * s_col)
+        flat = x.reshape(*x.shape[:-2], t * (2 * t - 1))
+        return flat[..., t - 1: t - 1 + t * (2 * t - 2)].unflatten(-1, (t, 2 * t - 2))[..., :t]
 
     def forward(
         self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | PaddingMask | None = None,
@@ -649,14 +643,8 @@ class ConformerEncoder(nn.Module):
     def check_subnet(self, subnet: SubnetConfig) -> None:
         """Raise ``ValueError`` if ``subnet`` asks for blocks or widths this encoder lacks."""
         cfg = self.config
-        for c in subnet.layers:
-            if not 0 <= c.index < cfg.num_blocks:
-                raise ValueError(f"subnet uses block {c.index}, but the encoder has {cfg.num_blocks} blocks")
-            units, heads = cfg.block_linear_units(c.index), cfg.block_attention_heads(c.index)
-            if not 1 <= c.ffn <= units:
-                raise ValueError(f"subnet asks block {c.index} for {c.ffn} FFN units; it has 1..{units}")
-            if not 1 <= c.heads <= heads:
-                raise ValueError(f"subnet asks block {c.index} for {c.heads} heads; it has 1..{heads}")
+        check_fits(subnet, cfg.num_blocks, cfg.block_linear_units, cfg.block_attention_heads, "block",
+                   f"the encoder has {cfg.num_blocks} blocks")
 
     def forward(
         self, xs: torch.Tensor, lengths: torch.Tensor, subnet: SubnetConfig | None = None

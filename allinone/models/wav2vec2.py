@@ -47,7 +47,7 @@ from torch import nn
 
 from allinone.elastic.quant import QuantConfig, add_quantizers
 from allinone.elastic.slicing import subnet_weight
-from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig
+from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig, check_fits
 from allinone.models.asr import ctc_loss
 
 __all__ = [
@@ -612,14 +612,8 @@ class Wav2Vec2CTCModel(nn.Module):
         """Raise ``ValueError`` if ``subnet`` asks for layers or widths this model lacks."""
         cfg = self.config
         n = cfg.encoder_num_layers
-        for c in subnet.layers:
-            if not 0 <= c.index < n:
-                raise ValueError(f"subnet uses layer {c.index}, but the model has {n} transformer layers")
-            units, heads = cfg.layer_ff_interm_features(c.index), cfg.layer_num_heads(c.index)
-            if not 1 <= c.ffn <= units:
-                raise ValueError(f"subnet asks layer {c.index} for {c.ffn} FFN units; it has 1..{units}")
-            if not 1 <= c.heads <= heads:
-                raise ValueError(f"subnet asks layer {c.index} for {c.heads} heads; it has 1..{heads}")
+        check_fits(subnet, n, cfg.layer_ff_interm_features, cfg.layer_num_heads, "layer",
+                   f"the model has {n} transformer layers")
 
     def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None,
                subnet: SubnetConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -538,11 +538,7 @@ class MultiPrecisionQuantizer(_ScaledQuantizerBase):
         if bits == FLOAT_BITS:
             return weight
         self._check_slice(weight)
-        scale = self._sliced_scale(bits, weight)
-        # fake_quant without its argument checks (done above), as it runs for every weight.
-        levels = quant_levels(bits)
-        g = lsq_grad_scale(weight.numel(), scale.numel(), levels)
-        return _FakeQuantFast.apply(weight, scale, None, levels, bits, g, self.learn_scale)
+        return fake_quant(weight, self._sliced_scale(bits, weight), bits, self.learn_scale)
 
     def forward_reference(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         """``forward`` through ``fake_quant_reference`` (the original operations), for tests."""
@@ -605,9 +601,7 @@ class NestedQuantizer(_ScaledQuantizerBase):
         top_scale = self._sliced_scale(self.top_bits, weight)
         levels = quant_levels(bits)
         if bits == self.top_bits:
-            # The top codes are round(w / s): the fast function computes them itself.
-            g = lsq_grad_scale(weight.numel(), top_scale.numel(), levels)
-            return _FakeQuantFast.apply(weight, top_scale, None, levels, bits, g, self.learn_scale)
+            return fake_quant(weight, top_scale, bits, self.learn_scale)  # the top codes: round(w / s)
         # Same values as _codes_and_scale, with the codes kept in float.
         with torch.no_grad():
             top_codes = torch.round(weight / top_scale).clamp_(-self.top_bits_levels, self.top_bits_levels)

@@ -220,13 +220,14 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
         if not_tunable:
             raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
                              f"checkpoint's; only *_dropout and {', '.join(tunable)} can be set")
-        source, info = _load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
+        source, info = load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
         model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields,
                                                      **supernet_fields))
         # The masking vector follows mask_time_prob: dropped when masking is turned off, new
         # (uniform, as transformers initialises it) when turned on for a checkpoint without one.
+        own = model.state_dict()
         state = {k: v for k, v in source.state_dict().items()
-                 if not k.startswith("aux.") and (k in model.state_dict() or not k.startswith("encoder.time_masking."))}
+                 if not k.startswith("aux.") and (k in own or not k.startswith("encoder.time_masking."))}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if ".quantizer." not in k and not k.startswith("encoder.time_masking.")]
         if sorted(missing) != ["aux.bias", "aux.weight"] or unexpected:  # cannot happen: same config
@@ -251,8 +252,9 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
     return model
 
 
-def _load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool):
-    """(model, info) of a local HF directory or fairseq checkpoint."""
+def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool):
+    """(model, info) of a local Hugging Face directory or fairseq checkpoint file (``ValueError``
+    naming the problem otherwise); ``info["normalize"]``: whether it expects normalised audio."""
     p = Path(path)
     if p.is_dir():
         from allinone.interop.huggingface import load_hf_ctc
@@ -556,4 +558,4 @@ def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> No
 
 
 __all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model", "build_wav2vec2",
-           "param_groups", "front_end_config"]
+           "load_pretrained_wav2vec2", "param_groups", "front_end_config"]

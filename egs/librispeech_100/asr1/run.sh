@@ -45,15 +45,9 @@ if [ -n "$init_from" ]; then
   # Load it once now (seconds): a wrong file must fail before hours of data preparation.
   "$python" - "$init_from" "$trust_pickle" <<'EOF' || die "--init_from $init_from is not a usable wav2vec2/HuBERT checkpoint (reason above)"
 import sys
-from pathlib import Path
-path, trust = Path(sys.argv[1]), sys.argv[2] == "true"
+from allinone.train.trainer import load_pretrained_wav2vec2
 try:
-    if path.is_dir():
-        from allinone.interop.huggingface import load_hf_ctc
-        load_hf_ctc(path)
-    else:
-        from allinone.interop.fairseq import load_fairseq_ctc
-        load_fairseq_ctc(path, vocab_size=2, trust_pickle=trust)
+    load_pretrained_wav2vec2(sys.argv[1], vocab_size=2, trust_pickle=sys.argv[2] == "true")
 except ValueError as e:
     sys.exit(f"error: {e}")
 EOF
