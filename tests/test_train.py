@@ -120,3 +120,69 @@ def test_compiled_training_matches_eager(digits, tmp_path):
     assert "torch.compile(" not in (tmp_path / "null" / "train.log").read_text()
     with pytest.raises(ValueError, match="train.compile='nvcc' is not a torch.compile backend"):
         train(tiny_config(digits, tmp_path / "bad", max_epochs=1, max_steps=1, compile="nvcc"))
+
+
+def _specaug_items(n):
+    # Identical utterances: any difference between augmented batches comes from the masks.
+    feats = torch.randn(50, 80, generator=torch.Generator().manual_seed(0))
+    return [("u", feats.clone(), torch.tensor([1, 2])) for _ in range(n)]
+
+
+def test_augmenting_collate_in_workers_differs_per_worker_and_reproduces():
+    """SpecAugment at collation in worker processes: each worker draws its own masks (not
+    copies of one generator), and the same main-process seed gives the same batches."""
+    from allinone.data.specaug import SpecAugment
+    from allinone.train.trainer import AugmentingCollate
+
+    def batches(workers):
+        torch.manual_seed(123)
+        aug = SpecAugment(num_time_masks=2, time_mask_width=10, time_warp_window=0, seed=0)
+        loader = torch.utils.data.DataLoader(_specaug_items(4), batch_size=1, num_workers=workers,
+                                             collate_fn=AugmentingCollate(aug))
+        return [b["feats"] for b in loader]
+
+    in_workers = batches(2)
+    # Batches 0 and 1 come from workers 0 and 1: their first draws must differ.
+    assert not torch.equal(in_workers[0], in_workers[1])
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, batches(2)))
+    # In the main process the module's own seeded generator is used, as before.
+    main = batches(0)
+    assert not torch.equal(main[0], main[1]) and all(torch.equal(a, b) for a, b in zip(main, batches(0)))
+    plain = AugmentingCollate(None)(_specaug_items(2))
+    assert torch.equal(plain["feats"][0], _specaug_items(1)[0][1])
+
+
+def test_non_finite_gradient_skips_the_update_without_a_host_sync(digits, tmp_path, monkeypatch):
+    """A step whose gradient norm is not finite leaves the weights and the optimizer state
+    as they were (fused AdamW's found_inf), and the log counts it."""
+    from allinone.train import strategies
+
+    calls = {"n": 0}
+    plain_step = strategies.PlainStrategy.step
+
+    def nan_on_second_step(self, ddp_model, model, batch, **kw):
+        calls["n"] += 1
+        logs = plain_step(self, ddp_model, model, batch, **kw)
+        if calls["n"] == 2:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        return logs
+
+    monkeypatch.setattr(strategies.PlainStrategy, "step", nan_on_second_step)
+    exp = tmp_path / "exp"
+    train(tiny_config(digits, exp, max_epochs=1, max_steps=3, save_every_steps=1, max_frames=600))
+    ckpt = torch.load(exp / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["skipped_steps"] == 1 and ckpt["state"]["step"] == 3
+    # Two of the three updates happened: AdamW's step counter says so.
+    assert all(int(s["step"]) == 2 for s in ckpt["optim"]["state"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert "1 update(s) before step 2 skipped: non-finite gradient norm" in (exp / "train.log").read_text()
+
+
+def test_training_with_loader_workers_and_specaug(digits, tmp_path):
+    exp = tmp_path / "exp"
+    cfg = tiny_config(digits, exp, max_epochs=2, loader_workers=2)
+    cfg.specaug.enabled = True
+    train(cfg)
+    history = json.loads((exp / "history.json").read_text())
+    assert history[1]["valid_loss"] < history[0]["valid_loss"]

@@ -259,7 +259,11 @@ class ASRModel(nn.Module):
         Frames past ``feat_lens.max()`` are dropped first, as ESPnet does.  ``subnet``:
         the encoder subnet to run (None = the whole float encoder).
         """
-        feats = feats[:, : int(feat_lens.max())]
+        if not torch.compiler.is_compiling():
+            # (Under torch.compile the batch must come padded to its longest utterance, as
+            # the trainer's collation does: reading the maximum would be a host sync and a
+            # graph break every step.)
+            feats = feats[:, : int(feat_lens.max())]
         if self.normalize is not None:
             feats, feat_lens = self.normalize(feats, feat_lens)
         return self.encoder(feats, feat_lens, subnet)
@@ -300,7 +304,8 @@ class ASRModel(nn.Module):
             ``loss_ctc``, ``loss_att`` and ``acc`` (attention token accuracy, detached);
             the last three are None when their branch is off.
         """
-        tokens = tokens[:, : int(token_lens.max())]
+        if not torch.compiler.is_compiling():  # (see encode)
+            tokens = tokens[:, : int(token_lens.max())]
         enc, enc_lens = self.encode(feats, feat_lens, subnet)
         w = self.config.ctc_weight
         loss_ctc = self.ctc.loss(enc, enc_lens, tokens, token_lens) if w > 0.0 else None

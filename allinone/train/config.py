@@ -82,6 +82,9 @@ class TrainSection:
     # torch.compile backend for the training forward (null = eager): "inductor" on a GPU fuses the
     # launch-bound elementwise work (docs/benchmarks.md section 5); "aot_eager" checks capture only.
     compile: Optional[str] = None
+    # Worker processes that collate training batches and apply SpecAugment (0 = the main
+    # process); on a GPU, 2-4 keep that CPU work off the step's critical path.
+    loader_workers: int = 0
 
 
 MODEL_KINDS = ("conformer", "wav2vec2")

@@ -129,14 +129,45 @@ def _tag(data_dir: str) -> str:
     return "_".join(parts[-2:])
 
 
-def make_loader(dataset, max_frames: int, shuffle: bool, seed: int):
-    from allinone.data.dataset import BucketBatchSampler, collate
+class AugmentingCollate:
+    """``collate``, then SpecAugment on the padded CPU batch (``specaug`` None: collate only).
+
+    Runs wherever the loader collates: in worker processes (``train.loader_workers``) the
+    per-utterance SpecAugment loop overlaps the GPU step instead of delaying its launches.
+    A worker reseeds the augmentation from its own seed (``get_worker_info().seed``: the
+    loader's base seed, drawn from the main process's RNG each epoch, plus the worker id),
+    so workers draw different masks and a run stays reproducible.
+    """
+
+    def __init__(self, specaug=None):
+        self.specaug = specaug
+        self._seeded_for: int | None = None
+
+    def __call__(self, items) -> dict:
+        from allinone.data.dataset import collate
+
+        batch = collate(items)
+        if self.specaug is None:
+            return batch
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._seeded_for != info.seed:
+            self.specaug.generator = torch.Generator().manual_seed(info.seed)
+            self._seeded_for = info.seed
+        batch["feats"], _ = self.specaug(batch["feats"], batch["feat_lens"])
+        return batch
+
+
+def make_loader(dataset, max_frames: int, shuffle: bool, seed: int, specaug=None, workers: int = 0):
+    """Bucketed batches of ``dataset`` for this rank; ``specaug`` is applied at collation,
+    in ``workers`` processes (0 = in the main process)."""
+    from allinone.data.dataset import BucketBatchSampler
 
     rank, world, _ = dist_info()
     sampler = BucketBatchSampler(dataset.lengths, max_frames, shuffle=shuffle, seed=seed,
                                  num_replicas=world, rank=rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=0, pin_memory=torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=AugmentingCollate(specaug),
+                                         num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=workers > 0)
     return loader, sampler
 
 
@@ -406,7 +437,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                              f"known: {', '.join(list_backends(exclude_tags=()))}")
         ddp_model = torch.compile(ddp_model, backend=cfg.train.compile, dynamic=True)
         logger.info("training forward compiled with torch.compile(backend=%r)", cfg.train.compile)
-    optim = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    # Fused AdamW takes a ``found_inf`` flag (the mechanism torch's GradScaler uses): a step with
+    # a non-finite gradient norm is skipped on the device, without reading the norm back
+    # (a host sync per step that would stall the next step's kernel launches).
+    optim = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                              fused=True)
     waveforms = model_kind(cfg.model) == "wav2vec2"
     specaug = build_specaug(cfg) if cfg.specaug.enabled and not waveforms else None
     if cfg.specaug.enabled and waveforms:
@@ -414,7 +449,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
 
     budget = cfg.train.max_samples if waveforms else cfg.train.max_frames
-    train_loader, train_sampler = make_loader(train_set, budget, True, cfg.train.seed)
+    train_loader, train_sampler = make_loader(train_set, budget, True, cfg.train.seed, specaug,
+                                              cfg.train.loader_workers)
     valid_loader, _ = make_loader(valid_set, budget, False, cfg.train.seed)
 
     state = {"epoch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
@@ -432,6 +468,16 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                                "state": {**state, "batch_in_epoch": batch_in_epoch},
                                "rng": torch.get_rng_state()}, ckpt_path)
 
+    skipped = torch.zeros((), device=device)  # updates skipped since the last count_skipped()
+
+    def count_skipped() -> None:
+        nonlocal skipped
+        n = int(skipped.item())
+        if n:
+            state["skipped_steps"] = state.get("skipped_steps", 0) + n
+            logger.warning("%d update(s) before step %d skipped: non-finite gradient norm", n, state["step"])
+            skipped = torch.zeros((), device=device)
+
     accum = cfg.optim.accum_grad
     start_time = time.time() - state["elapsed_s"]
     done = False
@@ -445,10 +491,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         for i, batch in enumerate(train_loader):
             if i < skip:
                 continue  # resuming mid-epoch: the sampler's order is deterministic per epoch
-            if specaug is not None:
-                # On the CPU batch, before the copy: SpecAugment loops over utterances, which on
-                # the GPU would be hundreds of tiny kernels and a host sync (lengths.tolist()) per step.
-                batch["feats"], _ = specaug(batch["feats"], batch["feat_lens"])
+            # (SpecAugment was applied at collation, on the CPU batch: on the GPU it would be
+            # hundreds of tiny kernels and a host sync, lengths.tolist(), per step.)
             batch = to_device(batch, device)
             sync = (i + 1) % accum == 0
             logs = strategy.step(ddp_model, model, batch, use_bf16=use_bf16, loss_scale=1.0 / accum,
@@ -460,15 +504,14 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             for g in optim.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # (checkpoints of older runs have no lr_scale)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if torch.isfinite(grad_norm):
-                optim.step()
-            else:
-                state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-                logger.warning("step %d: non-finite gradient norm, update skipped", state["step"])
+            optim.found_inf = (~torch.isfinite(grad_norm)).float()
+            optim.step()  # a no-op on the device when found_inf is 1
+            skipped = skipped + optim.found_inf
             optim.zero_grad(set_to_none=True)
             state["step"] += 1
             bar.update(accum)
             if state["step"] % cfg.train.log_every == 0:
+                count_skipped()
                 dt = time.time() - window["t"]
                 msg = " ".join(f"{k}={float(v):.3f}" for k, v in logs.items())
                 bar.set_postfix_str(f"{msg} lr={lr:.2e}")
@@ -477,6 +520,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 window = {"utts": 0, "t": time.time()}
             if state["step"] % cfg.train.save_every_steps == 0:
                 state["elapsed_s"] = time.time() - start_time
+                count_skipped()
                 save_checkpoint(i + 1)
             out_of_time = False
             if cfg.train.time_limit_minutes and state["step"] % cfg.train.log_every == 0:
@@ -490,6 +534,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 done = True
                 break
         bar.close()
+        count_skipped()
         valid_loss = validate(ddp_model, valid_loader, device, use_bf16)
         state["history"].append({"epoch": epoch + 1, "step": state["step"], "valid_loss": valid_loss})
         state["epoch"] = epoch + 1
