@@ -10,6 +10,7 @@ names, independent of ours), and the loaded model must give torchaudio's logits.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 
 import pytest
@@ -113,13 +114,16 @@ def _fairseq_state(ta_model, layout: str, fine_tuned: bool, family: str) -> dict
     return out
 
 
-def _save_finetuned(path, layout: str, family: str = "wav2vec2", legacy: bool = False, seed: int = 0):
+def _save_finetuned(path, layout: str, family: str = "wav2vec2", legacy: bool = False, seed: int = 0,
+                    ft_extra: dict | None = None, pre_extra: dict | None = None):
+    """A fine-tuned checkpoint; ``ft_extra`` / ``pre_extra`` add fields to the fine-tuning /
+    embedded pretraining model config."""
     ta = _torchaudio_model(layout, VOCAB, seed)
     state = _fairseq_state(ta, layout, fine_tuned=True, family=family)
     ctc = {"_name": f"{'wav2vec' if family == 'wav2vec2' else 'hubert'}_ctc", "w2v_path": "/nowhere/pretrained.pt",
            "final_dropout": 0.0, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-           "layerdrop": 0.0, "dropout_input": 0.0, "normalize": layout == "large"}
-    pre = _pretrain_cfg(layout, family)
+           "layerdrop": 0.0, "dropout_input": 0.0, "normalize": layout == "large", **(ft_extra or {})}
+    pre = {**_pretrain_cfg(layout, family), **(pre_extra or {})}
     if legacy:  # fairseq < 0.10: argparse namespaces, the model name in ``arch``
         pre = {("arch" if k == "_name" else k): v for k, v in pre.items()}
         args = argparse.Namespace(**{("arch" if k == "_name" else k): v for k, v in ctc.items()},
@@ -141,7 +145,9 @@ def test_finetuned_logits_equal_torchaudio(tmp_path, layout, family):
     ours, info = load_fairseq_ctc(path)
     assert not ours.training and info["fine_tuned"] and info["has_head"] and info["family"] == family
     assert info["normalize"] == (layout == "large")
+    # No apply_mask in the fine-tuning config: fairseq does not mask, the vector is unused.
     assert info["ignored_keys"] == ["w2v_encoder.w2v_model.mask_emb"]
+    assert ours.config.mask_time_prob == 0.0 and ours.encoder.time_masking is None
     assert ours.config.encoder_layer_norm_first == (layout == "large")
     assert ours.config.encoder_layer_drop == 0.0  # the fine-tuning config's layerdrop overrides 0.05
     torch.manual_seed(1)
@@ -179,8 +185,15 @@ def test_pretraining_checkpoint(tmp_path, family):
         load_fairseq_ctc(path)
     ours, info = load_fairseq_ctc(path, vocab_size=7)
     assert not info["has_head"] and ours.aux.out_features == 7
-    assert "mask_emb" in info["ignored_keys"] and "final_proj.weight" in info["ignored_keys"]
+    assert "final_proj.weight" in info["ignored_keys"]
     assert ("label_embs_concat" in info["ignored_keys"]) == (family == "hubert")
+    # No mask_prob in the config (pretraining default 0.65): a pretraining checkpoint starts a
+    # fine-tuning, whose default is no masking, so mask_emb is unused.
+    assert "mask_emb" in info["ignored_keys"]
+    assert ours.config.mask_time_prob == 0.0 and ours.encoder.time_masking is None
+    masking = info["masking"]
+    assert masking["source"] == "fine-tuning defaults" and not masking["apply_mask"]
+    assert masking["pretraining_mask_prob"] == 0.65 and "mask_prob=0.65 is not applied" in masking["note"]
     wav = torch.randn(1, 1200)
     with torch.no_grad():
         ref, _ = ta(wav)  # no aux: the encoder output
@@ -277,3 +290,121 @@ def test_pickled_objects_need_trust(tmp_path):
     wav = torch.randn(1, 1000)
     with torch.no_grad():
         torch.testing.assert_close(ours(wav)[0], ta(wav)[0], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------ time masking
+
+
+def _save_pretraining(path, family: str, **cfg_extra) -> dict[str, torch.Tensor]:
+    ta = _torchaudio_model("base", None)
+    state = _fairseq_state(ta, "base", fine_tuned=False, family=family)
+    torch.save({"cfg": {"model": {**_pretrain_cfg("base", family), **cfg_extra}, "task": {"normalize": False}},
+                "model": state}, path)
+    return state
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert"])
+def test_pretraining_masking_is_off_unless_asked(tmp_path, family, caplog):
+    path = tmp_path / "pre.pt"
+    state = _save_pretraining(path, family, mask_prob=0.3, mask_length=7, mask_channel_prob=0.2)
+    # Its own mask_prob is pretraining's: fine-tuning it (fairseq's defaults) masks nothing.
+    with caplog.at_level(logging.INFO, logger="allinone"):
+        ours, info = load_fairseq_ctc(path, vocab_size=5)
+    assert ours.config.mask_time_prob == 0.0 and ours.encoder.time_masking is None
+    assert "mask_emb" in info["ignored_keys"] and "encoder.time_masking.mask_emb" not in info["sources"]
+    masking = info["masking"]
+    assert masking["source"] == "fine-tuning defaults" and not masking["apply_mask"] and "override" not in masking
+    assert masking["pretraining_mask_prob"] == 0.3 and "mask_prob=0.3 is not applied" in masking["note"]
+    assert masking["differences"] == []  # fairseq's fine-tuning would not channel-mask either
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("time masking off" in r.getMessage() and "pre.pt" in r.getMessage() for r in caplog.records)
+
+    # Asked for (the trainer's model.wav2vec2.mask_time_prob): the checkpoint's own vector, not a new one.
+    ours, info = load_fairseq_ctc(path, vocab_size=5, mask_time_prob=0.3)
+    c = ours.config
+    assert (c.mask_time_prob, c.mask_time_length, c.mask_time_min_masks) == (0.3, 10, 2)  # fine-tuning's length
+    assert info["masking"]["override"] == 0.3 and info["masking"]["differences"] == []
+    assert "mask_emb" not in info["ignored_keys"]
+    assert info["sources"]["encoder.time_masking.mask_emb"] == "mask_emb"
+    torch.testing.assert_close(ours.encoder.time_masking.mask_emb.detach(), state["mask_emb"], atol=0, rtol=0)
+    # The masking runs in training mode, with the checkpoint's vector.
+    ours.train()
+    features = torch.randn(2, 60, SMALL["encoder_embed_dim"])
+    masked = ours.encoder.time_masking(features, None)
+    changed = (masked != features).any(-1)
+    assert changed.any()
+    torch.testing.assert_close(masked[changed], state["mask_emb"].expand(int(changed.sum()), -1))
+
+
+def test_mask_time_prob_override_on_a_finetuned_checkpoint(tmp_path):
+    path = tmp_path / "ft.pt"
+    _save_finetuned(path, "base", ft_extra={"apply_mask": False, "mask_prob": 0.25, "mask_length": 5})
+    vector = torch.load(path, weights_only=False)["model"]["w2v_encoder.w2v_model.mask_emb"]
+    ours, info = load_fairseq_ctc(path, mask_time_prob=0.1)  # on, though fairseq would not mask
+    assert (ours.config.mask_time_prob, ours.config.mask_time_length) == (0.1, 5)
+    assert info["ignored_keys"] == [] and "note" not in info["masking"]
+    torch.testing.assert_close(ours.encoder.time_masking.mask_emb.detach(), vector, atol=0, rtol=0)
+
+    # And off, though fairseq would mask: the vector is unused.
+    _save_finetuned(path, "base", ft_extra={"apply_mask": True, "mask_prob": 0.25})
+    ours, info = load_fairseq_ctc(path, mask_time_prob=0.0)
+    assert ours.config.mask_time_prob == 0.0 and ours.encoder.time_masking is None
+    assert info["ignored_keys"] == ["w2v_encoder.w2v_model.mask_emb"] and info["masking"]["override"] == 0.0
+
+
+@pytest.mark.parametrize("family,legacy", [("wav2vec2", False), ("hubert", False), ("wav2vec2", True)])
+def test_finetuned_uses_finetuning_masking(tmp_path, family, legacy):
+    path = tmp_path / "ft.pt"
+    ta = _save_finetuned(path, "base", family, legacy=legacy, pre_extra={"mask_prob": 0.65, "mask_length": 10},
+                         ft_extra={"apply_mask": True, "mask_prob": 0.25, "mask_length": 5})
+    vector = torch.load(path, weights_only=False)["model"]["w2v_encoder.w2v_model.mask_emb"]
+    ours, info = load_fairseq_ctc(path)
+    assert (ours.config.mask_time_prob, ours.config.mask_time_length) == (0.25, 5)
+    assert info["masking"]["source"] == "fine-tuning config" and info["masking"]["apply_mask"]
+    assert info["ignored_keys"] == []
+    torch.testing.assert_close(ours.encoder.time_masking.mask_emb.detach(), vector, atol=0, rtol=0)
+    wav = torch.randn(1, 1600)  # eval mode: masking does not change the logits
+    with torch.no_grad():
+        torch.testing.assert_close(ours(wav)[0], ta(wav)[0], atol=1e-4, rtol=0)
+
+    # Without apply_mask fairseq fine-tunes unmasked, whatever mask_prob says.
+    _save_finetuned(path, "base", family, legacy=legacy, pre_extra={"mask_prob": 0.65},
+                    ft_extra={"apply_mask": False, "mask_prob": 0.25})
+    ours, info = load_fairseq_ctc(path)
+    assert ours.config.mask_time_prob == 0.0 and info["ignored_keys"] == ["w2v_encoder.w2v_model.mask_emb"]
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ({"mask_selection": "normal", "mask_other": 2.0}, "mask_selection='normal' (mask_other=2.0)"),
+    ({"no_mask_overlap": True}, "no_mask_overlap=True"),
+    ({"mask_channel_prob": 0.1}, "mask_channel_prob=0.1: channel masking is not applied"),
+])
+def test_unsupported_masking_loads_with_a_warning(tmp_path, caplog, extra, expected):
+    path = tmp_path / "ft.pt"
+    _save_finetuned(path, "base", ft_extra={"apply_mask": True, "mask_prob": 0.5, **extra})
+    with caplog.at_level(logging.WARNING, logger="allinone"):
+        ours, info = load_fairseq_ctc(path)
+    assert ours.config.mask_time_prob == 0.5  # loaded: our static, possibly overlapping spans
+    assert [d for d in info["masking"]["differences"] if expected in d]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and expected in warnings[0] and "ft.pt" in warnings[0]
+
+    # Nothing to warn about when fairseq would not mask, or for mask_other with static spans (unused).
+    caplog.clear()
+    _save_finetuned(path, "base", ft_extra={"apply_mask": False, "mask_prob": 0.5, **extra})
+    _save_finetuned(tmp_path / "static.pt", "base",
+                    ft_extra={"apply_mask": True, "mask_prob": 0.5, "mask_selection": "static", "mask_other": 3.0})
+    with caplog.at_level(logging.WARNING, logger="allinone"):
+        assert load_fairseq_ctc(path)[1]["masking"]["differences"] == []
+        assert load_fairseq_ctc(tmp_path / "static.pt")[1]["masking"]["differences"] == []
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_masking_without_mask_emb_gets_a_new_vector(tmp_path, caplog):
+    path = tmp_path / "pre.pt"
+    _save_pretraining(path, "wav2vec2")
+    _edit(path, lambda c: c["model"].pop("mask_emb"))
+    with caplog.at_level(logging.WARNING, logger="allinone"):
+        ours, info = load_fairseq_ctc(path, vocab_size=5, mask_time_prob=0.3)
+    assert ours.config.mask_time_prob == 0.3 and ours.encoder.time_masking.mask_emb.shape == (32,)
+    assert any("no mask_emb" in r.getMessage() for r in caplog.records)

@@ -172,6 +172,19 @@ def test_train_from_fairseq_resume_and_decode(digits, tmp_path):
         assert wer["errors"] == score(refs, hyps).errors
 
 
+def test_fairseq_pretraining_masking_follows_the_run(digits, tmp_path):
+    """A pretraining checkpoint fine-tunes without masking unless the run sets mask_time_prob;
+    when it does, the masking vector is the checkpoint's ``mask_emb``, not a new one."""
+    _fairseq_pretraining_checkpoint(tmp_path / "pre.pt")
+    mask_emb = torch.load(tmp_path / "pre.pt", weights_only=True)["model"]["mask_emb"]
+    plain = build_model(w2v_config(digits, tmp_path, {"init_from": str(tmp_path / "pre.pt")}), 5, None)
+    assert plain.config.mask_time_prob == 0.0
+    masked = build_model(w2v_config(digits, tmp_path, {"init_from": str(tmp_path / "pre.pt"),
+                                                       "wav2vec2": {"mask_time_prob": 0.05}}), 5, None)
+    assert masked.config.mask_time_prob == 0.05
+    torch.testing.assert_close(masked.encoder.time_masking.mask_emb.detach(), mask_emb, rtol=0, atol=0)
+
+
 def test_init_from_hugging_face(tmp_path, digits):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

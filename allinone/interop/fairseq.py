@@ -9,13 +9,28 @@ kinds are read (``cfg["model"]["_name"]``, or ``args.arch``):
   (``extractor_mode``, ``conv_feature_layers``, ``encoder_layers``, ...) are in the model
   config; there is no CTC head, so the caller gives ``vocab_size`` and gets a freshly
   initialised one.  Pretraining-only weights (``quantizer``, ``project_q``,
-  ``final_proj``, ``mask_emb``, HuBERT's ``label_embs_concat``, ...) are ignored and
-  listed in ``info["ignored_keys"]``.
+  ``final_proj``, HuBERT's ``label_embs_concat``, ...) are ignored and listed in
+  ``info["ignored_keys"]``.
 * ``wav2vec_ctc`` / ``hubert_ctc``: fine-tuned CTC checkpoints.  Weights are
   ``w2v_encoder.w2v_model.<pretraining name>`` plus the head ``w2v_encoder.proj``; the
   pretraining config is embedded as ``w2v_args`` (or, when that is empty, read from the
   local file ``w2v_path``).  Dropout and layer-drop settings of the fine-tuning config
   override the embedded ones, as fairseq does when it builds the model.
+
+Time masking (training only) is read as fairseq fine-tunes the encoder: with a
+fine-tuned checkpoint's own fine-tuning config (fairseq passes its ``mask_prob`` /
+``mask_length`` ... as overrides to the pretrained model), and no masking at all unless
+its ``apply_mask`` is true.  A pretraining checkpoint loaded as a CTC model starts a
+fine-tuning (its head is new), so it gets fairseq's fine-tuning defaults: no masking;
+its pretraining ``mask_prob`` (0.65 by default) is not applied.  ``mask_time_prob=``
+overrides the probability either way (the trainer's ``model.wav2vec2.mask_time_prob``).
+The result becomes ``mask_time_prob`` / ``mask_time_length`` (``mask_time_min_masks`` =
+2, which fairseq hard-codes), and ``mask_emb`` loads into
+``encoder.time_masking.mask_emb``; with ``mask_time_prob`` 0 the vector is ignored.
+Masking that ours draws differently (``mask_selection`` other than ``static``,
+``no_mask_overlap``, ``mask_dropout``, channel masking) is loaded with a warning saying
+how, also listed in ``info["masking"]["differences"]``: inference is unaffected, only
+training differs.
 
 Weight names map to ``Wav2Vec2CTCModel``'s (torchaudio's).  Whatever we cannot compute
 the same way (another activation, a conformer or multi-layer positional convolution,
@@ -46,8 +61,9 @@ import torch
 from allinone.interop.keymap import apply_rename, load_checked
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
 
-__all__ = ["load_fairseq_ctc", "read_fairseq_checkpoint", "fairseq_to_config", "map_fairseq_state_dict",
-           "parse_conv_layers", "FAIRSEQ_MODELS", "FAIRSEQ_DEFAULTS"]
+__all__ = ["load_fairseq_ctc", "read_fairseq_checkpoint", "fairseq_to_config", "fairseq_masking",
+           "map_fairseq_state_dict", "parse_conv_layers", "FAIRSEQ_MODELS", "FAIRSEQ_DEFAULTS",
+           "FAIRSEQ_MASK_DEFAULTS", "FAIRSEQ_FINETUNE_MASK_DEFAULTS"]
 
 logger = logging.getLogger("allinone")
 
@@ -83,6 +99,22 @@ FAIRSEQ_DEFAULTS: dict[str, Any] = {
     "quantize_input": False,
 }
 
+# fairseq's masking defaults: pretraining configs (Wav2Vec2Config / HubertConfig) and the
+# fine-tuning ones (Wav2Vec2AsrConfig / HubertCtcConfig), whose values fairseq passes to the
+# pretrained model as overrides and applies only with ``apply_mask``.  ``mask_min_space`` and
+# ``mask_dropout`` are not overridden (the latter goes in as ``pct_holes``, no pretraining
+# field): the pretraining values apply.
+FAIRSEQ_MASK_DEFAULTS: dict[str, Any] = {
+    "mask_prob": 0.65, "mask_length": 10, "mask_selection": "static", "mask_other": 0.0,
+    "no_mask_overlap": False, "mask_min_space": 1, "mask_dropout": 0.0, "mask_channel_prob": 0.0,
+}
+FAIRSEQ_FINETUNE_MASK_DEFAULTS: dict[str, Any] = {
+    "apply_mask": False, "mask_prob": 0.5, "mask_length": 10, "mask_selection": "static", "mask_other": 0.0,
+    "no_mask_overlap": False, "mask_channel_prob": 0.0,
+}
+# fairseq's Wav2Vec2Model / HubertModel call compute_mask_indices with min_masks=2.
+_FAIRSEQ_MIN_MASKS = 2
+
 # Fine-tuning config field -> pretraining field it overrides (fairseq's Wav2VecEncoder
 # passes these as arg_overrides when it rebuilds the pretrained model).
 _FINETUNE_OVERRIDES = {"dropout": "dropout", "attention_dropout": "attention_dropout",
@@ -93,8 +125,10 @@ _EXTRACTOR_MODES = {"default": "group_norm", "group_norm": "group_norm", "layer_
 
 _FT_ENCODER, _FT_HEAD = "w2v_encoder.w2v_model.", "w2v_encoder.proj."
 
-# Weights the CTC forward does not use: pretraining heads and targets, the mask vector.
-_PRETRAINING_ONLY = re.compile(r"^(mask_emb|label_embs_concat|quantizer\.|project_q\.|final_proj\.|target_glu\.)")
+# Weights the CTC model does not use: pretraining heads and targets.
+_PRETRAINING_ONLY = re.compile(r"^(label_embs_concat|quantizer\.|project_q\.|final_proj\.|target_glu\.)")
+
+_MASK_EMB = "encoder.time_masking.mask_emb"
 
 # fairseq pretraining weight names -> ours, first match wins.  In the extractor each
 # convolution is a Sequential (conv, dropout, norm, GELU): index 0 is the convolution,
@@ -120,6 +154,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
     (r"^encoder\.layers\.(\d+)\.fc2\.(weight|bias)$", r"encoder.transformer.layers.\1.feed_forward.output_dense.\2"),
     (r"^encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$",
      r"encoder.transformer.layers.\1.final_layer_norm.\2"),
+    (r"^mask_emb$", _MASK_EMB),  # kept only when time masking is on (read_fairseq_checkpoint)
 )
 
 _PROJECTION = "encoder.feature_projection.projection."
@@ -209,11 +244,75 @@ def _pretraining_cfg(model_cfg: dict, fine_tuned: bool, trust_pickle: bool) -> t
     return {**pre_model, **overrides}, pre_task
 
 
-def fairseq_to_config(pre: Mapping[str, Any], vocab_size: int, final_dropout: float = 0.0) -> Wav2Vec2Config:
+def fairseq_masking(pre: Mapping[str, Any], finetune: Mapping[str, Any] | None = None,
+                    mask_time_prob: float | None = None) -> dict[str, Any]:
+    """The time masking fairseq's fine-tuning applies to the encoder, and how ours differs.
+
+    pre: the pretraining model config; finetune: a fine-tuned checkpoint's own model
+    config (``wav2vec_ctc`` / ``hubert_ctc``), or None for a pretraining checkpoint.  The
+    fine-tuning config's values are used (missing ones, and all of them for a pretraining
+    checkpoint: fairseq's fine-tuning defaults), and masking is on only when its
+    ``apply_mask`` is true (default false).  A pretraining checkpoint thus loads without
+    masking: loading it as a CTC model starts a fine-tuning, and fairseq's fine-tuning
+    overrides the pretraining ``mask_prob`` (kept as ``pretraining_mask_prob``, with a
+    ``note`` saying why it is not applied).  mask_time_prob: when not None, the masking
+    probability instead (``override``).  Returns ``{"source", "apply_mask", <fairseq
+    fields>, "mask_time_prob", "mask_time_length", "mask_time_min_masks", "differences"}``
+    (plus ``override`` / ``pretraining_mask_prob`` / ``note`` as above): the three
+    ``mask_time_*`` are ours, ``differences`` says (one line each) where our masking
+    would train differently from fairseq's.
+    """
+    ft = finetune if finetune is not None else {}
+
+    def pick(key):
+        if key in FAIRSEQ_FINETUNE_MASK_DEFAULTS:
+            value = ft.get(key)
+            return FAIRSEQ_FINETUNE_MASK_DEFAULTS[key] if value is None else value
+        value = pre.get(key)
+        return FAIRSEQ_MASK_DEFAULTS[key] if value is None else value
+
+    out: dict[str, Any] = {"source": "fine-tuning config" if finetune is not None else "fine-tuning defaults",
+                           "apply_mask": bool(pick("apply_mask"))}
+    out.update({key: pick(key) for key in FAIRSEQ_MASK_DEFAULTS})
+    if finetune is None:
+        pre_prob = pre.get("mask_prob")
+        out["pretraining_mask_prob"] = FAIRSEQ_MASK_DEFAULTS["mask_prob"] if pre_prob is None else pre_prob
+        out["note"] = (f"the pretraining config's mask_prob={out['pretraining_mask_prob']!r} is not applied: a "
+                       "pretraining checkpoint loaded as a CTC model starts a fine-tuning, which fairseq masks "
+                       "with its fine-tuning config (apply_mask defaults to false)"
+                       + ("" if mask_time_prob is not None else "; set mask_time_prob to mask"))
+    prob = float(out["mask_prob"]) if out["apply_mask"] else 0.0
+    if mask_time_prob is not None:
+        prob = out["override"] = float(mask_time_prob)
+    out.update(mask_time_prob=prob, mask_time_length=int(out["mask_length"]), mask_time_min_masks=_FAIRSEQ_MIN_MASKS)
+    differences = []
+    if prob > 0.0:
+        if out["mask_selection"] != "static":
+            differences.append(f"mask_selection={out['mask_selection']!r} (mask_other={out['mask_other']!r}) draws "
+                               f"random span lengths; ours are all mask_length={out['mask_time_length']}")
+        if out["no_mask_overlap"]:
+            differences.append(f"no_mask_overlap=True keeps spans apart (mask_min_space={out['mask_min_space']!r}); "
+                               "ours may overlap, so fewer frames are masked")
+        if float(out["mask_dropout"] or 0.0) > 0.0:
+            differences.append(f"mask_dropout={out['mask_dropout']!r} leaves that share of the masked frames "
+                               "unmasked; ours does not")
+    if out["apply_mask"] and float(out["mask_channel_prob"] or 0.0) > 0.0:
+        differences.append(f"mask_channel_prob={out['mask_channel_prob']!r}: channel masking is not applied")
+    out["differences"] = differences
+    return out
+
+
+def fairseq_to_config(pre: Mapping[str, Any], vocab_size: int, final_dropout: float = 0.0,
+                      masking: Mapping[str, Any] | None = None) -> Wav2Vec2Config:
     """``Wav2Vec2Config`` of a fairseq wav2vec2 / HuBERT pretraining model config dict.
 
-    ``ValueError`` names any field we cannot represent.
+    masking: ``fairseq_masking``'s result for the time-masking fields; None is
+    ``fairseq_masking(pre)``, a pretraining checkpoint's (no masking).  ``ValueError``
+    names any field we cannot represent.
     """
+    if masking is None:
+        masking = fairseq_masking(pre)
+
     def get(key):
         value = pre.get(key)
         return FAIRSEQ_DEFAULTS[key] if value is None else value
@@ -245,6 +344,9 @@ def fairseq_to_config(pre: Mapping[str, Any], vocab_size: int, final_dropout: fl
         vocab_size=int(vocab_size),
         final_dropout=float(final_dropout),
         feature_projection_layer_norm=True,  # fairseq always normalises the extractor output
+        mask_time_prob=float(masking["mask_time_prob"]),
+        mask_time_length=int(masking["mask_time_length"]),
+        mask_time_min_masks=int(masking["mask_time_min_masks"]),
     )
     try:
         return config.validate()
@@ -319,14 +421,15 @@ def _load(path: Path, trust_pickle: bool) -> dict:
     return dict(ckpt)
 
 
-def read_fairseq_checkpoint(path: str | os.PathLike, vocab_size: int | None = None,
-                            trust_pickle: bool = False) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+def read_fairseq_checkpoint(path: str | os.PathLike, vocab_size: int | None = None, trust_pickle: bool = False,
+                            mask_time_prob: float | None = None,
+                            ) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
     """Config, mapped weights and info of a fairseq checkpoint, without building a model.
 
     vocab_size: None keeps the checkpoint's CTC head (an error for a pretraining
     checkpoint, which has none); a number drops any head from the weights and sizes the
-    config's head for a new vocabulary.  Returns (config, state dict in our names, info);
-    see ``load_fairseq_ctc`` for ``info``.
+    config's head for a new vocabulary.  mask_time_prob: see ``load_fairseq_ctc``.
+    Returns (config, state dict in our names, info); see ``load_fairseq_ctc`` for ``info``.
     """
     path = Path(path)
     ckpt = _load(path, trust_pickle)
@@ -350,7 +453,19 @@ def read_fairseq_checkpoint(path: str | os.PathLike, vocab_size: int | None = No
         mapped.pop("aux.weight", None)
         mapped.pop("aux.bias", None)
     final_dropout = float(model_cfg.get("final_dropout") or 0.0) if fine_tuned else 0.0
-    config = fairseq_to_config(pre, vocab_size, final_dropout)
+    masking = fairseq_masking(pre, model_cfg if fine_tuned else None, mask_time_prob)
+    config = fairseq_to_config(pre, vocab_size, final_dropout, masking)
+    if config.mask_time_prob == 0.0 and _MASK_EMB in mapped:  # no time masking: the vector is unused
+        mapped.pop(_MASK_EMB)
+        ignored.append(sources.pop(_MASK_EMB))
+    elif config.mask_time_prob > 0.0 and _MASK_EMB not in mapped:
+        masking["differences"].append("the checkpoint has no mask_emb: the masking vector starts new (uniform)")
+    if "note" in masking and "override" not in masking:
+        logger.info("%s: time masking off, as fairseq fine-tunes it: %s", path.name, masking["note"])
+    if masking["differences"]:
+        logger.warning("%s: fairseq's masking (%s) is loaded as mask_time_prob=%s, mask_time_length=%s, but "
+                       "training with it differs from fairseq's: %s", path.name, masking["source"],
+                       config.mask_time_prob, config.mask_time_length, "; ".join(masking["differences"]))
 
     if _PROJECTION + "weight" not in mapped:
         # fairseq builds post_extract_proj only when the extractor's channels differ from
@@ -362,29 +477,40 @@ def read_fairseq_checkpoint(path: str | os.PathLike, vocab_size: int | None = No
             sources[_PROJECTION + "weight"] = sources[_PROJECTION + "bias"] = "(identity: no post_extract_proj)"
     info = {"model_name": name, "family": family, "fine_tuned": fine_tuned, "weights": str(path),
             "has_head": "aux.weight" in mapped, "ignored_keys": sorted(ignored),
-            "normalize": bool(task_cfg.get("normalize", pre_task.get("normalize", False))), "sources": sources}
+            "normalize": bool(task_cfg.get("normalize", pre_task.get("normalize", False))), "sources": sources,
+            "masking": masking}
     return config, mapped, info
 
 
-def load_fairseq_ctc(path: str | os.PathLike, vocab_size: int | None = None,
-                     trust_pickle: bool = False) -> tuple[Wav2Vec2CTCModel, dict[str, Any]]:
+def load_fairseq_ctc(path: str | os.PathLike, vocab_size: int | None = None, trust_pickle: bool = False,
+                     mask_time_prob: float | None = None) -> tuple[Wav2Vec2CTCModel, dict[str, Any]]:
     """Build a ``Wav2Vec2CTCModel`` from a local fairseq wav2vec2 / HuBERT checkpoint.
 
     vocab_size: None keeps a fine-tuned checkpoint's CTC head; a number gives a new,
     randomly initialised head of that size (required for pretraining checkpoints).
+    mask_time_prob: None masks as fairseq fine-tunes this checkpoint (a fine-tuned one
+    with its ``apply_mask`` / ``mask_prob``, a pretraining one not at all); a number is
+    the masking probability instead.  With masking on, the checkpoint's ``mask_emb`` is
+    the masking vector: pass the probability you will train with here rather than
+    setting it on the loaded config, which would start from a new vector.
     Returns ``(model, info)`` with the model in eval mode; ``info`` has ``model_name``
     (``wav2vec_ctc``, ``hubert``, ...), ``family``, ``fine_tuned``, ``weights``,
     ``has_head`` (whether ``aux`` came from the checkpoint), ``ignored_keys`` (weights
     the CTC forward does not use, and a dropped head), ``normalize`` (whether the model
-    was trained on per-utterance normalised waveforms: do the same to its inputs) and
-    ``sources`` (our key -> fairseq key).
+    was trained on per-utterance normalised waveforms: do the same to its inputs),
+    ``sources`` (our key -> fairseq key) and ``masking`` (``fairseq_masking``'s result:
+    the fairseq fields read, from which config, any ``override``, for a pretraining
+    checkpoint a ``note`` on its unapplied ``mask_prob``, and ``differences`` from our
+    masking).
     """
-    config, mapped, info = read_fairseq_checkpoint(path, vocab_size, trust_pickle)
+    config, mapped, info = read_fairseq_checkpoint(path, vocab_size, trust_pickle, mask_time_prob)
     sources = info["sources"]
     name = Path(path).name
     model = Wav2Vec2CTCModel(config)
-    load_checked(model, mapped, sources, name,
-                 optional=frozenset() if info["has_head"] else frozenset({"aux.weight", "aux.bias"}))
+    optional = set() if info["has_head"] else {"aux.weight", "aux.bias"}
+    if _MASK_EMB not in mapped:  # masking on for a checkpoint without mask_emb: a new vector (warned above)
+        optional.add(_MASK_EMB)
+    load_checked(model, mapped, sources, name, optional=frozenset(optional))
     model.eval()
     if info["ignored_keys"]:
         logger.info("%s: ignored %d weights the CTC model does not use (%s%s)", name, len(info["ignored_keys"]),

@@ -251,7 +251,8 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
         if not_tunable:
             raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
                              f"checkpoint's; only *_dropout and {', '.join(tunable)} can be set")
-        source, info = load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle)
+        source, info = load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle,
+                                                fields.get("mask_time_prob"))
         model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields,
                                                      **supernet_fields))
         # The masking vector follows mask_time_prob: dropped when masking is turned off, new
@@ -283,9 +284,12 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
     return model
 
 
-def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool):
+def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool,
+                             mask_time_prob: float | None = None):
     """(model, info) of a local Hugging Face directory or fairseq checkpoint file (``ValueError``
-    naming the problem otherwise); ``info["normalize"]``: whether it expects normalised audio."""
+    naming the problem otherwise); ``info["normalize"]``: whether it expects normalised audio.
+    mask_time_prob: the masking the run asks for; a fairseq checkpoint then keeps its ``mask_emb``
+    (a pretraining checkpoint's masking is off unless asked for)."""
     p = Path(path)
     if p.is_dir():
         from allinone.interop.huggingface import load_hf_ctc
@@ -297,7 +301,8 @@ def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool):
     if p.is_file():
         from allinone.interop.fairseq import load_fairseq_ctc
 
-        return load_fairseq_ctc(p, vocab_size=vocab_size, trust_pickle=trust_pickle)
+        return load_fairseq_ctc(p, vocab_size=vocab_size, trust_pickle=trust_pickle,
+                                mask_time_prob=mask_time_prob)
     raise ValueError(f"model.init_from {path} is neither a Hugging Face directory nor a fairseq checkpoint file")
 
 
