@@ -440,7 +440,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         if cfg.train.compile not in list_backends(exclude_tags=()):
             raise ValueError(f"train.compile={cfg.train.compile!r} is not a torch.compile backend; "
                              f"known: {', '.join(list_backends(exclude_tags=()))}")
-        ddp_model = torch.compile(ddp_model, backend=cfg.train.compile, dynamic=True)
+        # Inductor's layout optimisation re-strides convolution activations with concrete
+        # strides in the backward graph, which recompiles for every new length; off, one graph
+        # serves all lengths (tests/test_compile_dynamic.py).
+        options = {"layout_optimization": False} if cfg.train.compile == "inductor" else None
+        ddp_model = torch.compile(ddp_model, backend=cfg.train.compile, dynamic=True, options=options)
         logger.info("training forward compiled with torch.compile(backend=%r)", cfg.train.compile)
     # Fused AdamW takes a ``found_inf`` flag (the mechanism torch's GradScaler uses): a step with
     # a non-finite gradient norm is skipped on the device, without reading the norm back
