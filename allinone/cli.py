@@ -152,8 +152,12 @@ def cmd_compare(args) -> None:
     from allinone.eval.compare import compare_runs, parse_run
 
     res = compare_runs(args.reference, [parse_run(r) for r in args.runs], args.data, args.out, alpha=args.alpha,
-                       beam=args.beam, device=args.device, num_workers=args.num_workers)
+                       beam=args.beam, device=args.device, num_workers=args.num_workers, nested=args.nested)
     print(f"{len(res['systems'])} systems against {args.reference} -> {args.out}/results.md, results.json")
+    if "nested" in res:
+        worse = [p["system"] for p in res["nested"]["pairs"] if p["worse"]]
+        print(f"{len(res['nested']['pairs'])} nested systems against their twins; significantly worse: "
+              + (", ".join(worse) or "none"))
     for method, best in res["lossless"].items():
         print(f"lossless compression ratio of {method}: "
               + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
@@ -280,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
     cm.add_argument("--device", default="cpu")
     cm.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
+    cm.add_argument("--nested", default=None, help="an `allinone bench` directory of a supernet: test its "
+                    "nested systems against the runs of the same subnet (their individually trained twins)")
     cm.set_defaults(func=cmd_compare)
 
     se = sub.add_parser("search", help="best subnet under a size / bits / latency budget (docs/benchmark.md)")

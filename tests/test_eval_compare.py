@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from allinone.data.features import FbankConfig
 from allinone.data.kaldi import read_data_dir
 from allinone.data.tokenizer import CharTokenizer
 from allinone.eval.bench import read_hyps
-from allinone.eval.compare import compare_runs, format_markdown, lossless_ratios, parse_run
+from allinone.eval.compare import (compare_runs, format_markdown, format_nested, lossless_ratios, nested_twins,
+                                    parse_run)
 from allinone.eval.mapsswe import mapsswe
 from allinone.eval.wer import score
 from allinone.models.saved import PACKED_WEIGHTS, save_model_dir
@@ -127,3 +129,216 @@ def test_cli(setup, capsys):
     assert rc == 0 and "3 systems against" in out and "lossless compression ratio of uniform:" in out
     rc = main(["compare", str(setup["reference"]), "bad-run", "--data", str(setup["data"]), "--out", str(setup["out"])])
     assert rc != 0 and "expected METHOD/LABEL=RUN_DIR" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- nested systems vs their twins
+
+
+def _levenshtein(ref: list[str], hyp: list[str]) -> int:
+    """Word edit distance, a plain dynamic program (independent of allinone.eval.wer)."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
+def _brute_wer(refs: dict[str, str], hyps: dict[str, str]) -> float:
+    errors = sum(_levenshtein(refs[u].split(), hyps[u].split()) for u in refs)
+    return 100.0 * errors / sum(len(refs[u].split()) for u in refs)
+
+
+NESTED_REFS = {f"u{i:02d}": f"w{i} alpha beta gamma delta epsilon zeta eta" for i in range(24)}
+
+
+def _spoil(text: str, k: int) -> str:
+    """The first ``k`` words substituted (k = 8: an empty hypothesis, all deleted)."""
+    words = text.split()
+    return " ".join(["x"] * k + words[k:]) if k < len(words) else ""
+
+
+PERFECT = dict(NESTED_REFS)
+# 1-3 errors per utterance (varying, so MAPSSWE's differences have a variance), one utterance empty.
+BAD = {u: _spoil(t, 8 if i == 5 else 1 + i % 3) for i, (u, t) in enumerate(NESTED_REFS.items())}
+# A few errors, spread out; identical in both systems of a pair.
+SOME = {u: _spoil(t, 1) if i % 4 == 0 else t for i, (u, t) in enumerate(NESTED_REFS.items())}
+
+
+def _write_text(path, hyps: dict[str, str]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.joinpath("text").write_text("".join(f"{u} {h}".rstrip() + "\n" for u, h in hyps.items()))
+
+
+def _fake_bench(root, nested: dict[str, dict[str, dict[str, str]]], ref: str = "REF", ref_bytes: int = 4000,
+                train_seconds: float | None = 100.0, sets=("dev", "test")):
+    """An `allinone bench` output: results.json, systems/<name>/<set>/text, and the supernet's config.json."""
+    model = root / "supernet_final"
+    model.mkdir(parents=True)
+    config = {"encoder": {}} if train_seconds is None else {"encoder": {}, "train_seconds": train_seconds}
+    (model / "config.json").write_text(json.dumps(config))
+    systems = [{"system": name, "fp32_bytes": ref_bytes if name == ref else 1000 + i, "packed_bytes": 500}
+               for i, name in enumerate(nested)]
+    bench = root / "bench"
+    bench.mkdir()
+    (bench / "results.json").write_text(json.dumps({
+        "model": str(model), "reference": ref, "reference_fp32_bytes": ref_bytes, "systems": systems,
+        "test_sets": [{"name": s, "path": f"/data/{s}", "utterances": len(NESTED_REFS)} for s in sets]}))
+    for name, per_set in nested.items():
+        for s, hyps in per_set.items():
+            _write_text(bench / "systems" / name / s, hyps)
+    return bench
+
+
+@pytest.fixture
+def fake(tmp_path):
+    nested = {
+        "REF": {"dev": SOME, "test": PERFECT},
+        "A": {"dev": BAD, "test": SOME},         # much worse than its twin on dev, identical on test
+        "B": {"dev": SOME, "test": SOME},        # identical to its twin
+        "C": {"dev": PERFECT, "test": PERFECT},  # better than its twin
+        "D": {"dev": PERFECT, "test": PERFECT},  # benchmarked, no twin
+    }
+    twins = {"A": {"dev": PERFECT, "test": SOME}, "B": {"dev": SOME, "test": SOME},
+             "C": {"dev": BAD, "test": BAD}, "Z": {"dev": BAD, "test": BAD}}  # Z: a run with no nested system
+    return {"bench": _fake_bench(tmp_path, nested), "nested": nested, "twins": twins,
+            "seconds": {"A": 30.0, "B": 50.0, "C": 40.0}, "refs_of": {"dev": NESTED_REFS, "test": NESTED_REFS},
+            "reference": ({"dev": SOME, "test": PERFECT}, 4000)}
+
+
+def test_nested_twins_significance_and_wer(fake):
+    res = nested_twins(fake["bench"], fake["twins"], fake["seconds"], fake["refs_of"], 0.05,
+                       reference=fake["reference"])
+    pairs = {p["system"]: p for p in res["pairs"]}
+    assert set(pairs) == {"REF", "A", "B", "C"}  # D has no twin, Z no nested system
+    a, b, c = pairs["A"], pairs["B"], pairs["C"]
+    assert a["worse"] is True and a["sets"]["dev"]["worse"] is True and a["sets"]["dev"]["p_value"] < 1e-3
+    assert a["sets"]["test"]["worse"] is False and a["sets"]["test"]["p_value"] == 1.0
+    assert b["worse"] is False and all(x["p_value"] == 1.0 and x["worse"] is False for x in b["sets"].values())
+    # significantly *better* than its twin: not worse
+    assert c["worse"] is False and c["sets"]["dev"]["p_value"] < 0.05 and not c["sets"]["dev"]["worse"]
+    assert pairs["REF"]["worse"] is False and pairs["REF"]["twin_seconds"] is None
+    assert a["twin_seconds"] == 30.0 and c["twin_seconds"] == 40.0
+    for name, p in pairs.items():
+        twin = fake["reference"][0] if name == "REF" else fake["twins"][name]
+        for s in ("dev", "test"):
+            x = p["sets"][s]
+            assert x["nested_wer"] == pytest.approx(_brute_wer(NESTED_REFS, fake["nested"][name][s]))
+            assert x["twin_wer"] == pytest.approx(_brute_wer(NESTED_REFS, twin[s]))
+            assert x["p_value"] == pytest.approx(mapsswe(NESTED_REFS, twin[s], fake["nested"][name][s]).p_value)
+    assert a["sets"]["dev"]["nested_wer"] == pytest.approx(100.0 * (8 * 1 + 8 * 2 + 8 * 3 - 3 + 8) / (24 * 8))
+    assert b["sets"]["dev"]["twin_wer"] == pytest.approx(100.0 * 6 / (24 * 8))
+    md = "\n".join(format_nested(res, ["dev", "test"]))
+    assert "| A | " in md and "▲" in md and "(float model)" in md and "| D |" not in md
+
+
+def test_nested_twins_reference_pair_needs_equal_fp32_bytes(fake, caplog):
+    with caplog.at_level(logging.WARNING, logger="allinone"):
+        res = nested_twins(fake["bench"], fake["twins"], fake["seconds"], fake["refs_of"], 0.05,
+                           reference=fake["reference"])
+    assert "REF" in {p["system"] for p in res["pairs"]} and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="allinone"):
+        res = nested_twins(fake["bench"], fake["twins"], fake["seconds"], fake["refs_of"], 0.05,
+                           reference=(fake["reference"][0], 4001))
+    assert {p["system"] for p in res["pairs"]} == {"A", "B", "C"}
+    assert any("4001" in r.getMessage() and "REF" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+    res = nested_twins(fake["bench"], fake["twins"], fake["seconds"], fake["refs_of"], 0.05)  # no reference
+    assert {p["system"] for p in res["pairs"]} == {"A", "B", "C"}
+
+
+def test_nested_twins_training_time(fake, tmp_path):
+    # the reference twin (the float model) has no seconds; Z is no twin of a benchmarked system
+    seconds = {**fake["seconds"], "Z": 1000.0}
+    for reference in (fake["reference"], None):
+        t = nested_twins(fake["bench"], fake["twins"], seconds, fake["refs_of"], 0.05, reference=reference)["time"]
+        assert t["supernet_seconds"] == 100.0 and t["twin_seconds_mean"] == pytest.approx(40.0)
+        assert t["systems_alone"] == 4  # 5 benchmarked systems, less the reference
+        assert t["alone_seconds"] == pytest.approx(160.0) and t["speedup"] == pytest.approx(1.6)
+    res = nested_twins(fake["bench"], fake["twins"], seconds, fake["refs_of"], 0.05)
+    assert "4 systems x 40 s (mean twin) = 160 s alone: 1.60x less" in "\n".join(format_nested(res, ["dev", "test"]))
+    # without the supernet's train_seconds there is no speedup (and no line for it)
+    other = tmp_path / "no_seconds"
+    bench = _fake_bench(other, fake["nested"], train_seconds=None)
+    res = nested_twins(bench, fake["twins"], seconds, fake["refs_of"], 0.05)
+    assert res["time"]["supernet_seconds"] is None and res["time"]["speedup"] is None
+    assert not any("Training time" in line for line in format_nested(res, ["dev", "test"]))
+
+
+def test_nested_twins_needs_the_same_test_sets(fake, tmp_path):
+    with pytest.raises(ValueError, match=r"\['dev', 'test'\].*\['dev', 'eval'\]"):
+        nested_twins(fake["bench"], fake["twins"], fake["seconds"], {"dev": NESTED_REFS, "eval": NESTED_REFS}, 0.05)
+    with pytest.raises(ValueError, match="bench results"):
+        nested_twins(tmp_path / "nope", fake["twins"], fake["seconds"], fake["refs_of"], 0.05)
+
+
+@pytest.fixture(scope="module")
+def nested_setup(setup):
+    """`allinone bench` of the runs' supernet (with its train_seconds) and its largest float subnet
+    extracted as a plain float reference model (the bench reference's twin)."""
+    from allinone.elastic.extract import extract_to_dirs
+    from allinone.eval.bench import BenchOptions, run_bench
+    from allinone.models.saved import load_model_dir
+
+    root = setup["root"]
+    loaded = load_model_dir(setup["reference"])
+    supernet = save_model_dir(root / "supernet_final", loaded.model, loaded.fbank, loaded.tokenizer,
+                              extra={"train_seconds": 30.0})
+    grid = [*SYSTEMS.values(), "L2_F24_H2_B4"]  # the last one has no twin
+    bench = run_bench(supernet, grid, [setup["data"]], root / "bench", BenchOptions(latency=False, num_workers=1),
+                      progress=False)
+    float_ref = root / "float_plain"
+    extract_to_dirs(supernet, [bench["reference"]], float_ref)
+    return {"bench": root / "bench", "bench_results": bench, "float_ref": float_ref}
+
+
+def test_compare_runs_nested_end_to_end(setup, nested_setup, tmp_path, capsys):
+    from allinone.cli import main
+
+    bench_dir, bench = nested_setup["bench"], nested_setup["bench_results"]
+    out = tmp_path / "out"
+    res = compare_runs(nested_setup["float_ref"], [parse_run(r) for r in setup["runs"]], [setup["data"]], out,
+                       num_workers=1, nested=bench_dir)
+    assert res["reference_fp32_bytes"] == bench["reference_fp32_bytes"]  # so the reference pair is made
+    nested = res["nested"]
+    pairs = {p["system"]: p for p in nested["pairs"]}
+    assert set(pairs) == {bench["reference"], *SYSTEMS.values()}
+    refs = {u.utt_id: u.text for u in read_data_dir(setup["data"])}
+    for name, p in pairs.items():
+        twin_dir = out / "reference" if name == bench["reference"] else \
+            out / "systems" / next(k for k, v in SYSTEMS.items() if v == name)
+        twin, mine = read_hyps(twin_dir / "test"), read_hyps(bench_dir / "systems" / name / "test")
+        x = p["sets"]["test"]
+        assert x["nested_wer"] == pytest.approx(_brute_wer(refs, mine))
+        assert x["twin_wer"] == pytest.approx(_brute_wer(refs, twin))
+        test = mapsswe(refs, twin, mine)
+        assert x["p_value"] == pytest.approx(test.p_value) and x["worse"] == (test.significant and test.better == "a")
+        assert p["twin_seconds"] == (None if name == bench["reference"] else 12.0)
+    # twins and nested systems are the same weights here: nothing is significantly worse
+    assert not any(p["worse"] for p in pairs.values())
+    t = nested["time"]
+    assert t["supernet_seconds"] == 30.0 and t["twin_seconds_mean"] == 12.0
+    assert t["systems_alone"] == len(bench["systems"]) - 1 == 4
+    assert t["speedup"] == pytest.approx(12.0 * 4 / 30.0)
+    assert json.loads((out / "results.json").read_text())["nested"] == nested
+    md = (out / "results.md").read_text()
+    assert "against their individually trained twins" in md and "1.60x less" in md
+    # the supernet itself as the reference: its fp32 bytes (quantizer scales included) are not the
+    # bench reference's, so there is no reference pair
+    res = compare_runs(setup["reference"], [parse_run(r) for r in setup["runs"]], [setup["data"]],
+                       tmp_path / "out_supernet_ref", num_workers=1, nested=bench_dir)
+    assert {p["system"] for p in res["nested"]["pairs"]} == set(SYSTEMS.values())
+    rc = main(["compare", str(nested_setup["float_ref"]), *setup["runs"], "--data", str(setup["data"]),
+               "--out", str(out), "--num-workers", "1", "--nested", str(bench_dir)])
+    assert rc == 0 and "4 nested systems against their twins; significantly worse: none" in capsys.readouterr().out
+
+
+def test_compare_runs_nested_bad_bench_fails_before_any_work(setup, nested_setup, tmp_path):
+    runs = [parse_run(r) for r in setup["runs"]]
+    with pytest.raises(ValueError, match="no results.json"):
+        compare_runs(setup["reference"], runs, [setup["data"]], tmp_path / "out", nested=tmp_path)
+    assert not (tmp_path / "out").exists()
+    other = _data_dir(tmp_path / "other")  # a test set the bench did not decode
+    with pytest.raises(ValueError, match=r"benchmarked on test sets \['test'\].*\['other'\]"):
+        compare_runs(setup["reference"], runs, [other], tmp_path / "out", nested=nested_setup["bench"])
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,12 @@ reference with MAPSSWE, and writes one table with WER, significance, average bit
 size, compression ratio and compression time, plus each method's lossless compression ratio:
 the largest ratio (reference fp32 bytes / packed bytes) among the method's systems that no
 test set finds significantly worse than the reference.
+
+With ``nested=BENCH_DIR`` (an ``allinone bench`` output of a supernet) the runs are also the
+*individually trained twins* of that supernet's nested systems (issue 5's experiment): every
+nested system whose subnet string equals a run's subnet (and the bench's reference system,
+whose twin is the float reference model) is tested against its twin with MAPSSWE, and the
+supernet's one training run is set against training every benchmarked system alone.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from allinone.utils import atomic_open
 
 logger = logging.getLogger("allinone")
 
-__all__ = ["MethodRun", "parse_run", "compare_runs", "lossless_ratios"]
+__all__ = ["MethodRun", "parse_run", "compare_runs", "lossless_ratios", "nested_twins"]
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,82 @@ def lossless_ratios(rows: list[dict]) -> dict[str, dict | None]:
     return best
 
 
+def nested_twins(bench_dir: str | Path, twins: dict[str, dict[str, dict[str, str]]],
+                 twin_seconds: dict[str, float | None], refs_of: dict[str, dict[str, str]], alpha: float,
+                 reference: tuple[dict[str, dict[str, str]], int] | None = None) -> dict:
+    """Nested systems of a supernet bench against their individually trained twins.
+
+    bench_dir: an ``allinone bench`` output (``results.json``, ``systems/<name>/<set>/text``).
+    twins: subnet string -> test set -> the twin's hypotheses; twin_seconds: subnet string ->
+    the twin's training seconds.  refs_of: test set -> reference transcripts.  reference:
+    (test set -> hypotheses, fp32 bytes) of the float model both started from, the twin of
+    the bench's reference system (its largest float subnet) when the sizes agree.  Returns ``{"pairs": [...], "time": {...}}``:
+    per pair and set both WERs, the MAPSSWE p-value and ``worse`` (the nested system
+    significantly worse than its twin); ``time``: the supernet run's training seconds (from
+    its ``final/config.json``) against the mean twin's seconds times the number of
+    benchmarked systems other than the reference (each would need its own run).
+    """
+    from allinone.eval.bench import read_hyps
+    from allinone.eval.mapsswe import mapsswe
+    from allinone.eval.wer import score
+
+    bench_dir = Path(bench_dir)
+    bench = _read_json(bench_dir / "results.json", "bench results (--nested)")
+    names = {s["system"] for s in bench["systems"]}
+    twins, twin_seconds = dict(twins), dict(twin_seconds)
+    if reference is not None:
+        ref_system = next(s for s in bench["systems"] if s["system"] == bench["reference"])
+        if ref_system["fp32_bytes"] == reference[1]:
+            twins[ref_system["system"]], twin_seconds[ref_system["system"]] = reference[0], None
+        else:
+            logger.warning("--nested: the float reference (%d fp32 bytes) is not the supernet's largest float "
+                           "subnet %s (%d bytes); that pair is left out", reference[1], ref_system["system"],
+                           ref_system["fp32_bytes"])
+    sets = _bench_sets(bench_dir, bench, list(refs_of))
+    pairs = []
+    for subnet, twin_hyps in twins.items():
+        if subnet not in names:
+            continue
+        row = {"system": subnet, "twin_seconds": twin_seconds.get(subnet), "sets": {}}
+        for t in sets:
+            nested = read_hyps(bench_dir / "systems" / subnet / t)
+            refs = {u: r for u, r in refs_of[t].items() if u in nested and u in twin_hyps[t]}
+            test = mapsswe(refs, twin_hyps[t], nested, alpha=alpha)
+            row["sets"][t] = {"nested_wer": score(refs, nested).wer, "twin_wer": score(refs, twin_hyps[t]).wer,
+                              "p_value": test.p_value, "worse": bool(test.significant and test.better == "a")}
+        row["worse"] = any(x["worse"] for x in row["sets"].values())
+        pairs.append(row)
+    model_config = Path(bench["model"]) / "config.json"
+    supernet_s = json.loads(model_config.read_text()).get("train_seconds") if model_config.is_file() else None
+    # only the runs that are twins of a benchmarked system (another run's seconds, e.g. a mixed-precision
+    # search, say nothing about training one of these systems alone)
+    alone = [s for subnet, s in twin_seconds.items() if subnet in names and s is not None]
+    n_alone = len(names) - 1  # the reference system's twin is the float model itself
+    alone_total = sum(alone) / len(alone) * n_alone if alone else None
+    return {"bench": str(bench_dir), "pairs": pairs, "time": {
+        "supernet_seconds": supernet_s, "twin_seconds_mean": sum(alone) / len(alone) if alone else None,
+        "systems_alone": n_alone, "alone_seconds": alone_total,
+        "speedup": alone_total / supernet_s if alone_total and supernet_s else None}}
+
+
+def _bench_sets(bench_dir: Path, bench: dict, compared: list[str]) -> list[str]:
+    """The test set names of a bench's results; ``ValueError`` unless they are the ``compared`` ones."""
+    sets = [t["name"] for t in bench["test_sets"]]
+    if set(sets) != set(compared):
+        raise ValueError(f"--nested {bench_dir}: benchmarked on test sets {sets}, compared on {sorted(compared)}; "
+                         "use the same data directories")
+    return sets
+
+
 def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[str | Path], out_dir: str | Path,
-                 alpha: float = 0.05, beam: int = 1, device: str = "cpu", num_workers: int = 2) -> dict:
+                 alpha: float = 0.05, beam: int = 1, device: str = "cpu", num_workers: int = 2,
+                 nested: str | Path | None = None) -> dict:
     """Extract, decode and test every run against the float ``reference`` model directory.
 
     Writes ``out_dir/results.json`` and ``results.md``; returns the results dict. Every input
     is checked before any decoding starts (a missing run file is an error naming it).
+    nested: an ``allinone bench`` directory whose nested systems the runs are twins of
+    (``nested_twins``; adds ``results["nested"]``).
     """
     from allinone.data.kaldi import read_data_dir
     from allinone.elastic.extract import extract_to_dirs, extracted_size
@@ -121,6 +197,11 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         if not (d / "text").is_file() or not (d / "wav.scp").is_file():
             raise ValueError(f"test set {d}: not a data directory (needs wav.scp and text)")
     checked = {r.name: _check_run(r) for r in runs}
+    if nested is not None:
+        if not (Path(nested) / "results.json").is_file():
+            raise ValueError(f"--nested {nested}: no results.json (an `allinone bench` output directory)")
+        _bench_sets(Path(nested), _read_json(Path(nested) / "results.json", "bench results (--nested)"),
+                    [d.name for d in data_dirs])
 
     ref_loaded = load_model_dir(reference)
     ref_fp32 = extracted_size(ref_loaded.model, {}).fp32_bytes
@@ -152,12 +233,23 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
             "sets": per_set, "lossless": not any(s["worse"] for s in per_set.values()),
         })
     best = lossless_ratios(rows)
+    nested_result = None
+    if nested is not None:
+        from allinone.eval.bench import read_hyps
+
+        twins = {row["subnet"]: {t: read_hyps(out_dir / "systems" / row["method"] / row["label"] / t)
+                                 for t in row["sets"]} for row in rows}
+        seconds = {row["subnet"]: row["compression_seconds"] for row in rows}
+        nested_result = nested_twins(nested, twins, seconds, refs_of, alpha,
+                                     reference=({n: d["hyps"] for n, d in ref_dec.items()}, ref_fp32))
     results = {
         "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, "beam": beam,
         "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()}, "systems": rows,
         "lossless": {m: (None if r is None else {"label": r["label"], "subnet": r["subnet"],
                                                  "ratio_vs_ref": r["ratio_vs_ref"]}) for m, r in best.items()},
     }
+    if nested_result is not None:
+        results["nested"] = nested_result
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / "results.json") as f:
         json.dump(results, f, indent=1)
@@ -192,4 +284,29 @@ def format_markdown(results: dict) -> str:
     for method, best in results["lossless"].items():
         lines.append(f"- {method}: " + ("none of its systems is lossless" if best is None else
                                         f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+    if "nested" in results:
+        lines += ["", *format_nested(results["nested"], sets)]
     return "\n".join(lines) + "\n"
+
+
+def format_nested(nested: dict, sets: list[str]) -> list[str]:
+    """Markdown lines: nested systems against their twins, and the training-time accounting."""
+    head = ["nested system"] + [f"WER {s} nested / twin" for s in sets] + [f"p {s}" for s in sets]
+    head += ["nested worse", "twin training s"]
+    lines = [f"Nested systems of {nested['bench']} against their individually trained twins "
+             "(MAPSSWE; ▲ = nested significantly worse than its twin):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in nested["pairs"]:
+        cells = [p["system"]]
+        cells += [f"{p['sets'][s]['nested_wer']:.2f}{' ▲' if p['sets'][s]['worse'] else ''} / "
+                  f"{p['sets'][s]['twin_wer']:.2f}" for s in sets]
+        cells += [f"{p['sets'][s]['p_value']:.3f}" for s in sets]
+        cells += ["yes" if p["worse"] else "no",
+                  "(float model)" if p["twin_seconds"] is None else f"{p['twin_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = nested["time"]
+    if t["speedup"] is not None:
+        lines += ["", f"Training time: one supernet run {t['supernet_seconds']:.0f} s against "
+                      f"{t['systems_alone']} systems x {t['twin_seconds_mean']:.0f} s (mean twin) = "
+                      f"{t['alone_seconds']:.0f} s alone: {t['speedup']:.2f}x less."]
+    return lines

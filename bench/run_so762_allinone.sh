@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 5's experiment on speechocean762 (one GPU): one all-in-one supernet run against
+# individually trained twins of the grid's corners, in three phases that each fit a
+# 10-minute slot of a lent GPU (run them in order; each is idempotent):
+#
+#   bench/run_so762_allinone.sh baseline   # recipe stages 2-3: tokenizer, features, float model
+#   bench/run_so762_allinone.sh supernet   # recipe stage 4 (time-limited) + bench of grid24
+#   bench/run_so762_allinone.sh twins      # each corner trained alone for the supernet's number
+#                                          # of updates, then compared with its nested twin
+#
+# The data directories must be in egs/speechocean762/asr1/data/{train,dev,test} (recipe
+# stage 1, or the shipped lists copied there with audio/ beside them).  Environment:
+# SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
+# each twin's training (e.g. train.time_limit_minutes=2); results land in
+# egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$root/.venv/bin/python}
+[ -x "$python" ] || python=$(command -v python3)
+phase=${1:?usage: $0 baseline|supernet|twins}
+cd "$root/egs/speechocean762/asr1"
+asr_exp=exp/asr_train_conformer
+sup_exp=exp/supernet_train_supernet
+corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_F640_H4_B32, is the float model
+cli() { "$python" -m allinone.cli "$@"; }
+
+case $phase in
+  baseline)
+    ./run.sh --stage 2 --stop_stage 3 --nj 16 --python "$python"
+    ;;
+  supernet)
+    # Fine-tuning from the float model for a fixed time: a short warmup and half the
+    # baseline's peak lr; one random subnet per step besides the largest and smallest.
+    ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --train_opts \
+      "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 supernet.num_random=1"
+    cli bench "$sup_exp/final" --grid conf/grid24.yaml --data data/dev data/test --out "$sup_exp/bench" \
+      --device cuda --no-latency --num-workers 16
+    ;;
+  twins)
+    # Each twin: the same float starting point, importance ordering, loss (labels + KL to the
+    # float model) and number of optimizer updates as the supernet, one system per run.
+    steps=$("$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])")
+    runs=""
+    for s in $corners; do
+      [ -f "exp/twins/$s/allocation.json" ] || cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$s" \
+        data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16 \
+        supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$s" \
+        supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
+      runs="$runs twin/$s=exp/twins/$s"
+    done
+    cli compare "$asr_exp/final" $runs --data data/dev data/test --out exp/twins/compare --device cuda \
+      --num-workers 16 --nested "$sup_exp/bench"
+    ;;
+  *) echo "$0: unknown phase $phase (baseline, supernet or twins)" >&2; exit 1 ;;
+esac
