@@ -69,6 +69,27 @@ def test_plan_of_each_strategy():
     assert [space.format(s) for s, t in targets.subnets(0) if t] == ["L4_F48_H4_B8"]
 
 
+def test_random_subnets_from_a_grid(tmp_path):
+    """sample_from: the random subnets are the grid's (file or list), all of them over enough
+    steps, the same for the same step; an entry outside the space is an error naming it."""
+    model = tiny_supernet()
+    grid = ["L4_F24_H4_B4", "L2_F48_H2_B2", "L4_F48_H4_B8"]
+    (tmp_path / "grid.yaml").write_text("".join(f"- {g}\n" for g in grid))
+    for source in (grid, str(tmp_path / "grid.yaml")):
+        strat = make_strategy(model, "sandwich", num_random=2, sample_from=source)
+        space = strat.space
+        drawn = [space.format(s) for step in range(30) for s, _ in strat.subnets(step)[2:]]
+        assert set(drawn) == set(grid)
+        assert strat.subnets(7) == strat.subnets(7)
+    # "all": every uniform subnet, so no random subnet mixes widths or bit-widths across blocks
+    uniform = make_strategy(model, "random", num_random=4, sample_from="all")
+    for step in range(10):
+        for s, _ in uniform.subnets(step):
+            assert len({(c.bits_attn, c.bits_ffn, c.bits_conv, c.ffn, c.heads) for c in s.layers}) == 1
+    with pytest.raises(ValueError, match="(?s)sample_from.*L9_F24_H4_B4.*beyond"):
+        make_strategy(model, "sandwich", sample_from=["L9_F24_H4_B4"])
+
+
 def test_ctc_kl_matches_torch_kl_div():
     g = torch.Generator().manual_seed(0)
     t = torch.log_softmax(torch.randn(2, 5, 7, generator=g), -1)

@@ -13,6 +13,12 @@ Supernet strategies (docs/supernet.md), chosen by the ``supernet`` config sectio
   (labels only), the others as above;
 - ``random``: ``num_random`` random subnets on the labels.
 
+Random subnets come from the whole space, or with ``sample_from`` (a grid: a YAML file or a
+list of subnet strings, as ``allinone bench --grid`` takes) uniformly from that list: the
+systems one means to deploy.  With bits per block in the space, a random subnet is almost
+never a *uniform* low-bit system (probability 4^-depth for 2 bits of 4 choices), so
+without it the grid's uniform systems are trained only through mixed neighbours.
+
 Mixed precision (docs/mixed_precision.md):
 
 - ``mixed_precision``: one-stage search: per-group bit-width logits trained with the
@@ -102,7 +108,9 @@ class SupernetOptions:
     """The ``supernet`` section of an experiment config.
 
     space: search-space YAML path or inline dict; strategy: sandwich | targets | random;
-    num_random: random subnets per step (sandwich, random); targets: subnet strings
+    num_random: random subnets per step (sandwich, random); sample_from: a grid (YAML file or
+    list of subnet strings) the random subnets are drawn from instead of the whole space;
+    targets: subnet strings
     (targets); label_weight / kl_weight: loss of non-teacher subnets; quant: the model's
     ``QuantConfig`` dict (bits, per_channel, learn_scale, method, mode); extractor_bits
     (wav2vec2 only): fixed bit-width of the CNN feature extractor in every subnet (32 =
@@ -127,6 +135,7 @@ class SupernetOptions:
     space: Any = None
     strategy: str = "sandwich"
     num_random: int = 2
+    sample_from: Any = None
     targets: list[str] = field(default_factory=list)
     label_weight: float | None = None
     kl_weight: float = 1.0
@@ -211,10 +220,16 @@ class SupernetStrategy:
         self.targets = sorted((space.parse(t) for t in opts.targets), reverse=True,
                               key=lambda s: (s.average_bits(), s.depth, sum(c.ffn + c.heads for c in s.layers)))
         self.calls = 0  # micro-batches seen; with the seed it fixes each step's random subnets
+        self.pool = None if opts.sample_from is None else _sample_pool(opts.sample_from, space)
+
+    def _sample(self, g: torch.Generator) -> SubnetConfig:
+        if self.pool is None:
+            return self.space.sample(g)
+        return self.pool[int(torch.randint(len(self.pool), (1,), generator=g))]
 
     def subnets(self, step: int) -> list[tuple[SubnetConfig, bool]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        randoms = [self.space.sample(g) for _ in range(self.opts.num_random)]
+        randoms = [self._sample(g) for _ in range(self.opts.num_random)]
         if self.opts.strategy == "sandwich":
             return [(self.space.largest(), True), (self.space.smallest(), False)] + [(s, False) for s in randoms]
         if self.opts.strategy == "targets":
@@ -242,6 +257,21 @@ class SupernetStrategy:
                 teacher = out["ctc_log_probs"].detach()
             logs[f"loss/{self.space.format(subnet)}"] = loss.detach()
         return logs
+
+
+def _sample_pool(source, space: SearchSpace) -> list[SubnetConfig]:
+    """The subnets of ``supernet.sample_from``, each validated against the space."""
+    from allinone.eval.bench import resolve_grid
+
+    if not isinstance(source, (str, list, tuple)):
+        source = list(source)  # an omegaconf ListConfig
+    try:
+        pool = resolve_grid(source if isinstance(source, str) else [str(x) for x in source], space)
+    except ValueError as e:
+        raise ValueError(f"supernet.sample_from: {e}") from None
+    if not pool:
+        raise ValueError("supernet.sample_from lists no subnet")
+    return pool
 
 
 def _frozen_teacher(model):
