@@ -153,3 +153,26 @@ def test_error_layer_count_mismatch(tmp_path):
     _edit_config(tmp_path, num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"hubert\.encoder\.layers\.1\."):
         load_hf_ctc(tmp_path)
+
+
+def test_mask_time_prob_override_keeps_or_makes_the_masking_vector(tmp_path, caplog):
+    """mask_time_prob= overrides config.json's; the checkpoint's masked_spec_embed is the
+    vector when there is one (here saved for feature masking only), a new one with a warning
+    when transformers saved none."""
+    hf = _save(tmp_path / "a", "wav2vec2-base", mask_time_prob=0.0, mask_feature_prob=0.1)
+    plain, _ = load_hf_ctc(tmp_path / "a")
+    assert plain.config.mask_time_prob == 0.0
+    masked, info = load_hf_ctc(tmp_path / "a", mask_time_prob=0.05)
+    assert masked.config.mask_time_prob == 0.05 and "masked_spec_embed" not in info["ignored_keys"]
+    torch.testing.assert_close(masked.encoder.time_masking.mask_emb.detach(), hf.wav2vec2.masked_spec_embed.detach(),
+                               rtol=0, atol=0)
+    off, info = load_hf_ctc(tmp_path / "a", mask_time_prob=0.0)
+    assert off.encoder.time_masking is None or off.config.mask_time_prob == 0.0
+    assert "masked_spec_embed" in " ".join(info["ignored_keys"])
+
+    _save(tmp_path / "b", "wav2vec2-base", mask_time_prob=0.0, mask_feature_prob=0.0)
+    with caplog.at_level("WARNING", logger="allinone"):
+        fresh, _ = load_hf_ctc(tmp_path / "b", mask_time_prob=0.05)
+    assert fresh.config.mask_time_prob == 0.05 and "no masked_spec_embed" in caplog.text
+    with pytest.raises(ValueError, match="mask_time_prob=1.5"):
+        load_hf_ctc(tmp_path / "b", mask_time_prob=1.5)

@@ -200,6 +200,18 @@ def test_init_from_hugging_face(tmp_path, digits):
     torch.testing.assert_close(model.encoder.transformer.layers[1].attention.k_proj.weight,
                                hf.wav2vec2.encoder.layers[1].attention.k_proj.weight)
     assert all(p.requires_grad for p in model.feature_extractor.parameters())
+    # Time masking asked for by the run: the checkpoint's masked_spec_embed (saved by
+    # transformers for its feature masking) becomes the vector, not a new one.
+    torch.manual_seed(1)
+    hf2 = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(
+        vocab_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, mask_time_prob=0.0, mask_feature_prob=0.1))
+    hf2.save_pretrained(tmp_path / "hf2")
+    masked = build_model(w2v_config(digits, tmp_path, {"init_from": str(tmp_path / "hf2"),
+                                                       "wav2vec2": {"mask_time_prob": 0.05}}), 13, None)
+    torch.testing.assert_close(masked.encoder.time_masking.mask_emb.detach(),
+                               hf2.wav2vec2.masked_spec_embed.detach(), rtol=0, atol=0)
 
 
 def test_config_errors(digits, tmp_path):

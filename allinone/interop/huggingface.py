@@ -14,7 +14,9 @@ the positional convolution's weight norm that older versions wrote).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +25,8 @@ import torch
 
 from allinone.interop.keymap import apply_rename, load_checked
 from allinone.models.wav2vec2 import Wav2Vec2CTCModel, Wav2Vec2Config
+
+logger = logging.getLogger("allinone")
 
 __all__ = ["load_hf_ctc", "hf_to_config", "map_hf_state_dict", "HF_ARCHITECTURES", "HF_DEFAULTS"]
 
@@ -214,10 +218,14 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise ValueError(f"no model.safetensors or pytorch_model.bin in {path}")
 
 
-def load_hf_ctc(path: str | os.PathLike) -> tuple[Wav2Vec2CTCModel, dict[str, Any]]:
+def load_hf_ctc(path: str | os.PathLike, mask_time_prob: float | None = None
+                ) -> tuple[Wav2Vec2CTCModel, dict[str, Any]]:
     """Build a ``Wav2Vec2CTCModel`` from a local HF ``Wav2Vec2ForCTC`` / ``HubertForCTC`` directory.
 
-    Returns ``(model, info)`` with the model in eval mode; ``info`` has ``model_type``,
+    mask_time_prob: None masks as ``config.json`` says; a number is the masking probability
+    instead, the checkpoint's ``masked_spec_embed`` the masking vector when it has one (a new
+    uniform vector, with a warning, when it has none: transformers saves it only for a config
+    that masks).  Returns ``(model, info)`` with the model in eval mode; ``info`` has ``model_type``,
     ``architecture``, ``weights`` (the file read), ``ignored_keys`` (HF weights the CTC
     forward does not use) and ``hf_config`` (the ``config.json`` dict).
     """
@@ -233,13 +241,23 @@ def load_hf_ctc(path: str | os.PathLike) -> tuple[Wav2Vec2CTCModel, dict[str, An
         raise ValueError(f"{config_file} does not hold a JSON object")
     model_type, arch, prefix = _check_model_type(hf)
     config = hf_to_config(hf)
+    if mask_time_prob is not None:
+        try:
+            config = dataclasses.replace(config, mask_time_prob=float(mask_time_prob)).validate()
+        except ValueError as e:
+            raise ValueError(f"mask_time_prob={mask_time_prob}: {e}") from None
     state, weights_file = _read_weights(path)
     mapped, ignored, sources = map_hf_state_dict(state, prefix)
-    if config.mask_time_prob == 0.0 and "encoder.time_masking.mask_emb" in mapped:
+    emb = "encoder.time_masking.mask_emb"
+    if config.mask_time_prob == 0.0 and emb in mapped:
         # transformers keeps the vector for feature masking too; without time masking it is unused.
-        mapped.pop("encoder.time_masking.mask_emb")
-        ignored.append(sources.pop("encoder.time_masking.mask_emb"))
+        mapped.pop(emb)
+        ignored.append(sources.pop(emb))
     model = Wav2Vec2CTCModel(config)
+    if config.mask_time_prob > 0.0 and emb not in mapped:
+        logger.warning("%s has no masked_spec_embed (its config does not mask): time masking at "
+                       "mask_time_prob=%s starts from a new vector", path, config.mask_time_prob)
+        mapped[emb], sources[emb] = model.state_dict()[emb], "(new masking vector)"
     load_checked(model, mapped, sources, weights_file.name)
     model.eval()
     info = {"model_type": model_type, "architecture": arch, "weights": str(weights_file),

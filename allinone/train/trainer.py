@@ -288,13 +288,13 @@ def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool,
                              mask_time_prob: float | None = None):
     """(model, info) of a local Hugging Face directory or fairseq checkpoint file (``ValueError``
     naming the problem otherwise); ``info["normalize"]``: whether it expects normalised audio.
-    mask_time_prob: the masking the run asks for; a fairseq checkpoint then keeps its ``mask_emb``
-    (a pretraining checkpoint's masking is off unless asked for)."""
+    mask_time_prob: the masking the run asks for (None: the checkpoint's own); the checkpoint's
+    masking vector (``mask_emb`` / ``masked_spec_embed``) is kept for it."""
     p = Path(path)
     if p.is_dir():
         from allinone.interop.huggingface import load_hf_ctc
 
-        model, info = load_hf_ctc(p)
+        model, info = load_hf_ctc(p, mask_time_prob=mask_time_prob)
         pre = p / "preprocessor_config.json"  # HF keeps do_normalize with the feature extractor
         info["normalize"] = bool(json.loads(pre.read_text()).get("do_normalize")) if pre.is_file() else None
         return model, info
