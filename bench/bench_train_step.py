@@ -14,6 +14,7 @@ Rows:
   ours eager / compiled     allinone's ASRModel (same numerics as ESPnet's)
   supernet largest float    the supernet (quantizers attached) on subnet=None
   supernet 4-bit            the largest width/depth at 4 bits (fake quantization)
+  supernet ... compiled     (--compile) the supernet under torch.compile, float and 4-bit
   sandwich (n subnets)      one SupernetStrategy step, against the sum of its single steps
 
 Run on a GPU:   python bench/bench_train_step.py --device cuda --compile [--preset so762]
@@ -213,6 +214,13 @@ def main() -> None:
                          ("supernet smallest", smallest)):
         add(name, make_step(lambda s=subnet: sup(feats, lens, tokens, tok_lens, subnet=s)["loss"],
                             sup.parameters(), dev))
+    if args.compile:
+        # Compiled, fake quantization fuses into the graph's kernels instead of a chain of
+        # small eager ones per weight (one graph per subnet: Dynamo specialises on it).
+        compiled_sup = torch.compile(sup)
+        for name, subnet in (("supernet largest float compiled", None), ("supernet largest 4-bit compiled", b4)):
+            add(name, make_step(lambda s=subnet: compiled_sup(feats, lens, tokens, tok_lens, subnet=s)["loss"],
+                                sup.parameters(), dev))
 
     from allinone.train.strategies import build_strategy
 
