@@ -377,7 +377,10 @@ def test_finetuned_uses_finetuning_masking(tmp_path, family, legacy):
 @pytest.mark.parametrize("extra,expected", [
     ({"mask_selection": "normal", "mask_other": 2.0}, "mask_selection='normal' (mask_other=2.0)"),
     ({"no_mask_overlap": True}, "no_mask_overlap=True"),
-    ({"mask_channel_prob": 0.1}, "mask_channel_prob=0.1: channel masking is not applied"),
+    ({"mask_channel_prob": 0.1, "mask_channel_selection": "normal", "mask_channel_other": 2.0},
+     "mask_channel_selection='normal' (mask_channel_other=2.0)"),
+    ({"mask_channel_prob": 0.1, "no_mask_channel_overlap": True}, "no_mask_channel_overlap=True"),
+    ({"mask_channel_prob": 0.1, "mask_channel_before": True}, "mask_channel_before=True"),
 ])
 def test_unsupported_masking_loads_with_a_warning(tmp_path, caplog, extra, expected):
     path = tmp_path / "ft.pt"

@@ -27,10 +27,14 @@ overrides the probability either way (the trainer's ``model.wav2vec2.mask_time_p
 The result becomes ``mask_time_prob`` / ``mask_time_length`` (``mask_time_min_masks`` =
 2, which fairseq hard-codes), and ``mask_emb`` loads into
 ``encoder.time_masking.mask_emb``; with ``mask_time_prob`` 0 the vector is ignored.
-Masking that ours draws differently (``mask_selection`` other than ``static``,
-``no_mask_overlap``, ``mask_dropout``, channel masking) is loaded with a warning saying
-how, also listed in ``info["masking"]["differences"]``: inference is unaffected, only
-training differs.
+Channel masking is read the same way (fine-tuning config, only with ``apply_mask``):
+``mask_channel_prob`` / ``mask_channel_length`` become ``mask_feature_prob`` /
+``mask_feature_length`` (``mask_feature_min_masks`` = 0, as fairseq calls it).
+Masking that ours draws differently (``mask_selection`` / ``mask_channel_selection``
+other than ``static``, ``no_mask_overlap`` / ``no_mask_channel_overlap``,
+``mask_dropout``, ``mask_channel_before`` with time masking on) is loaded with a warning
+saying how, also listed in ``info["masking"]["differences"]``: inference is unaffected,
+only training differs.
 
 Weight names map to ``Wav2Vec2CTCModel``'s (torchaudio's).  Whatever we cannot compute
 the same way (another activation, a conformer or multi-layer positional convolution,
@@ -101,19 +105,27 @@ FAIRSEQ_DEFAULTS: dict[str, Any] = {
 
 # fairseq's masking defaults: pretraining configs (Wav2Vec2Config / HubertConfig) and the
 # fine-tuning ones (Wav2Vec2AsrConfig / HubertCtcConfig), whose values fairseq passes to the
-# pretrained model as overrides and applies only with ``apply_mask``.  ``mask_min_space`` and
-# ``mask_dropout`` are not overridden (the latter goes in as ``pct_holes``, no pretraining
-# field): the pretraining values apply.
+# pretrained model as overrides and applies only with ``apply_mask``.  ``mask_min_space``,
+# ``mask_channel_min_space`` and ``mask_dropout`` are not overridden (the last goes in as
+# ``pct_holes``, no pretraining field): the pretraining values apply.  ``mask_channel_before``
+# (wav2vec2 only; HuBERT always masks channels after time) is one of the overrides.
 FAIRSEQ_MASK_DEFAULTS: dict[str, Any] = {
     "mask_prob": 0.65, "mask_length": 10, "mask_selection": "static", "mask_other": 0.0,
-    "no_mask_overlap": False, "mask_min_space": 1, "mask_dropout": 0.0, "mask_channel_prob": 0.0,
+    "no_mask_overlap": False, "mask_min_space": 1, "mask_dropout": 0.0,
+    "mask_channel_prob": 0.0, "mask_channel_length": 10, "mask_channel_selection": "static",
+    "mask_channel_other": 0.0, "no_mask_channel_overlap": False, "mask_channel_min_space": 1,
+    "mask_channel_before": False,
 }
 FAIRSEQ_FINETUNE_MASK_DEFAULTS: dict[str, Any] = {
     "apply_mask": False, "mask_prob": 0.5, "mask_length": 10, "mask_selection": "static", "mask_other": 0.0,
-    "no_mask_overlap": False, "mask_channel_prob": 0.0,
+    "no_mask_overlap": False, "mask_channel_prob": 0.0, "mask_channel_length": 10,
+    "mask_channel_selection": "static", "mask_channel_other": 0.0, "no_mask_channel_overlap": False,
+    "mask_channel_before": False,
 }
-# fairseq's Wav2Vec2Model / HubertModel call compute_mask_indices with min_masks=2.
+# fairseq's Wav2Vec2Model / HubertModel call compute_mask_indices with min_masks=2 for time
+# masking and with its default min_masks=0 for channel masking.
 _FAIRSEQ_MIN_MASKS = 2
+_FAIRSEQ_CHANNEL_MIN_MASKS = 0
 
 # Fine-tuning config field -> pretraining field it overrides (fairseq's Wav2VecEncoder
 # passes these as arg_overrides when it rebuilds the pretrained model).
@@ -246,7 +258,7 @@ def _pretraining_cfg(model_cfg: dict, fine_tuned: bool, trust_pickle: bool) -> t
 
 def fairseq_masking(pre: Mapping[str, Any], finetune: Mapping[str, Any] | None = None,
                     mask_time_prob: float | None = None) -> dict[str, Any]:
-    """The time masking fairseq's fine-tuning applies to the encoder, and how ours differs.
+    """The time and channel masking fairseq's fine-tuning applies to the encoder, and how ours differs.
 
     pre: the pretraining model config; finetune: a fine-tuned checkpoint's own model
     config (``wav2vec_ctc`` / ``hubert_ctc``), or None for a pretraining checkpoint.  The
@@ -256,11 +268,15 @@ def fairseq_masking(pre: Mapping[str, Any], finetune: Mapping[str, Any] | None =
     masking: loading it as a CTC model starts a fine-tuning, and fairseq's fine-tuning
     overrides the pretraining ``mask_prob`` (kept as ``pretraining_mask_prob``, with a
     ``note`` saying why it is not applied).  mask_time_prob: when not None, the masking
-    probability instead (``override``).  Returns ``{"source", "apply_mask", <fairseq
-    fields>, "mask_time_prob", "mask_time_length", "mask_time_min_masks", "differences"}``
-    (plus ``override`` / ``pretraining_mask_prob`` / ``note`` as above): the three
-    ``mask_time_*`` are ours, ``differences`` says (one line each) where our masking
-    would train differently from fairseq's.
+    probability instead (``override``).  Channel masking is read the same way (fine-tuning
+    config, only with ``apply_mask``; ``mask_time_prob`` does not override it): its
+    ``mask_channel_prob`` / ``mask_channel_length`` become ``mask_feature_prob`` /
+    ``mask_feature_length`` (``mask_feature_min_masks`` = 0, fairseq's default for channels).
+    Returns ``{"source", "apply_mask", <fairseq fields>, "mask_time_prob",
+    "mask_time_length", "mask_time_min_masks", "mask_feature_prob", "mask_feature_length",
+    "mask_feature_min_masks", "differences"}`` (plus ``override`` / ``pretraining_mask_prob``
+    / ``note`` as above): the ``mask_time_*`` / ``mask_feature_*`` are ours, ``differences``
+    says (one line each) where our masking would train differently from fairseq's.
     """
     ft = finetune if finetune is not None else {}
 
@@ -285,6 +301,10 @@ def fairseq_masking(pre: Mapping[str, Any], finetune: Mapping[str, Any] | None =
     if mask_time_prob is not None:
         prob = out["override"] = float(mask_time_prob)
     out.update(mask_time_prob=prob, mask_time_length=int(out["mask_length"]), mask_time_min_masks=_FAIRSEQ_MIN_MASKS)
+    # Channel masking: gated by apply_mask too (fairseq masks nothing without it); not overridden.
+    feature_prob = float(out["mask_channel_prob"] or 0.0) if out["apply_mask"] else 0.0
+    out.update(mask_feature_prob=feature_prob, mask_feature_length=int(out["mask_channel_length"]),
+               mask_feature_min_masks=_FAIRSEQ_CHANNEL_MIN_MASKS)
     differences = []
     if prob > 0.0:
         if out["mask_selection"] != "static":
@@ -296,8 +316,18 @@ def fairseq_masking(pre: Mapping[str, Any], finetune: Mapping[str, Any] | None =
         if float(out["mask_dropout"] or 0.0) > 0.0:
             differences.append(f"mask_dropout={out['mask_dropout']!r} leaves that share of the masked frames "
                                "unmasked; ours does not")
-    if out["apply_mask"] and float(out["mask_channel_prob"] or 0.0) > 0.0:
-        differences.append(f"mask_channel_prob={out['mask_channel_prob']!r}: channel masking is not applied")
+    if feature_prob > 0.0:
+        if out["mask_channel_selection"] != "static":
+            differences.append(f"mask_channel_selection={out['mask_channel_selection']!r} (mask_channel_other="
+                               f"{out['mask_channel_other']!r}) draws random channel span lengths; ours are all "
+                               f"mask_feature_length={out['mask_feature_length']}")
+        if out["no_mask_channel_overlap"]:
+            differences.append(f"no_mask_channel_overlap=True keeps channel spans apart (mask_channel_min_space="
+                               f"{out['mask_channel_min_space']!r}); ours may overlap, so fewer channels are masked")
+        if out["mask_channel_before"] and prob > 0.0:
+            differences.append("mask_channel_before=True zeroes channels before time masking (masked frames are "
+                               "all mask_emb); ours zeroes them after it, as transformers and fairseq's default "
+                               "do, so masked frames have those channels 0 too")
     out["differences"] = differences
     return out
 
@@ -306,7 +336,7 @@ def fairseq_to_config(pre: Mapping[str, Any], vocab_size: int, final_dropout: fl
                       masking: Mapping[str, Any] | None = None) -> Wav2Vec2Config:
     """``Wav2Vec2Config`` of a fairseq wav2vec2 / HuBERT pretraining model config dict.
 
-    masking: ``fairseq_masking``'s result for the time-masking fields; None is
+    masking: ``fairseq_masking``'s result for the masking fields; None is
     ``fairseq_masking(pre)``, a pretraining checkpoint's (no masking).  ``ValueError``
     names any field we cannot represent.
     """
@@ -347,6 +377,9 @@ def fairseq_to_config(pre: Mapping[str, Any], vocab_size: int, final_dropout: fl
         mask_time_prob=float(masking["mask_time_prob"]),
         mask_time_length=int(masking["mask_time_length"]),
         mask_time_min_masks=int(masking["mask_time_min_masks"]),
+        mask_feature_prob=float(masking.get("mask_feature_prob", 0.0)),
+        mask_feature_length=int(masking.get("mask_feature_length", 10)),
+        mask_feature_min_masks=int(masking.get("mask_feature_min_masks", _FAIRSEQ_CHANNEL_MIN_MASKS)),
     )
     try:
         return config.validate()
@@ -463,9 +496,11 @@ def read_fairseq_checkpoint(path: str | os.PathLike, vocab_size: int | None = No
     if "note" in masking and "override" not in masking:
         logger.info("%s: time masking off, as fairseq fine-tunes it: %s", path.name, masking["note"])
     if masking["differences"]:
-        logger.warning("%s: fairseq's masking (%s) is loaded as mask_time_prob=%s, mask_time_length=%s, but "
-                       "training with it differs from fairseq's: %s", path.name, masking["source"],
-                       config.mask_time_prob, config.mask_time_length, "; ".join(masking["differences"]))
+        logger.warning("%s: fairseq's masking (%s) is loaded as mask_time_prob=%s, mask_time_length=%s, "
+                       "mask_feature_prob=%s, mask_feature_length=%s, but training with it differs from "
+                       "fairseq's: %s", path.name, masking["source"], config.mask_time_prob,
+                       config.mask_time_length, config.mask_feature_prob, config.mask_feature_length,
+                       "; ".join(masking["differences"]))
 
     if _PROJECTION + "weight" not in mapped:
         # fairseq builds post_extract_proj only when the extractor's channels differ from

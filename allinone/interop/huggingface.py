@@ -68,6 +68,10 @@ HF_DEFAULTS: dict[str, Any] = {
     "mask_time_prob": 0.05,
     "mask_time_length": 10,
     "mask_time_min_masks": 2,
+    "mask_feature_prob": 0.0,
+    "mask_feature_length": 10,
+    "mask_feature_min_masks": 0,
+    "apply_spec_augment": True,
 }
 
 _EXTRACTOR_MODES = {"group": "group_norm", "layer": "layer_norm"}
@@ -114,7 +118,11 @@ def _check_model_type(hf: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 def hf_to_config(hf: Mapping[str, Any]) -> Wav2Vec2Config:
-    """``Wav2Vec2Config`` of a transformers ``config.json`` dict (``ValueError`` if not representable)."""
+    """``Wav2Vec2Config`` of a transformers ``config.json`` dict (``ValueError`` if not representable).
+
+    Masking (training only) is read as transformers applies it: ``mask_time_*`` and
+    ``mask_feature_*`` as they are, both probabilities 0 when ``apply_spec_augment`` is false.
+    """
     _check_model_type(hf)
     for key, allowed in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu")):
         if _get(hf, key) != allowed:
@@ -139,6 +147,8 @@ def hf_to_config(hf: Mapping[str, Any]) -> Wav2Vec2Config:
     vocab = _get(hf, "vocab_size")
     if vocab is None:
         raise ValueError("config.json has vocab_size=None: not a CTC model")
+    # transformers masks (time, then feature) only with apply_spec_augment (default true).
+    spec_augment = bool(_get(hf, "apply_spec_augment"))
     config = Wav2Vec2Config(
         extractor_mode=_EXTRACTOR_MODES[norm],
         extractor_conv_layer_config=[[int(d), int(k), int(s)] for d, k, s in zip(dims, kernels, strides)],
@@ -161,9 +171,12 @@ def hf_to_config(hf: Mapping[str, Any]) -> Wav2Vec2Config:
         feature_projection_layer_norm=bool(_get(hf, "feat_proj_layer_norm")) if hf.get("model_type") == "hubert"
         else True,
         layer_norm_eps=float(_get(hf, "layer_norm_eps")),
-        mask_time_prob=float(_get(hf, "mask_time_prob") or 0.0),
+        mask_time_prob=float(_get(hf, "mask_time_prob") or 0.0) if spec_augment else 0.0,
         mask_time_length=int(_get(hf, "mask_time_length")),
         mask_time_min_masks=int(_get(hf, "mask_time_min_masks")),
+        mask_feature_prob=float(_get(hf, "mask_feature_prob") or 0.0) if spec_augment else 0.0,
+        mask_feature_length=int(_get(hf, "mask_feature_length")),
+        mask_feature_min_masks=int(_get(hf, "mask_feature_min_masks")),
     )
     try:
         return config.validate()

@@ -62,6 +62,9 @@ __all__ = [
     "EncoderLayer",
     "Transformer",
     "Encoder",
+    "TimeMasking",
+    "FeatureMasking",
+    "span_mask",
     "EXTRACTOR_MODES",
     "WAV2VEC2_BASE_CONV_LAYERS",
 ]
@@ -129,6 +132,13 @@ class Wav2Vec2Config:
     mask_time_prob: float = 0.0
     mask_time_length: int = 10
     mask_time_min_masks: int = 2
+    # Fine-tuning feature (channel) masking (training only; 0 = off, the default): after time
+    # masking, spans of ``mask_feature_length`` channels zeroed in every frame of an utterance,
+    # as transformers' ``mask_feature_prob`` / ``mask_feature_length`` /
+    # ``mask_feature_min_masks`` (fairseq's mask_channel_prob / mask_channel_length).
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -159,6 +169,14 @@ class Wav2Vec2Config:
             raise ValueError(f"Wav2Vec2Config time masking: need 0 <= mask_time_prob < 1, mask_time_length >= 1, "
                              f"mask_time_min_masks >= 0; got {self.mask_time_prob}, {self.mask_time_length}, "
                              f"{self.mask_time_min_masks}")
+        prob, length, min_masks = self.mask_feature_prob, self.mask_feature_length, self.mask_feature_min_masks
+        if not (isinstance(prob, (int, float)) and not isinstance(prob, bool) and 0.0 <= prob < 1.0
+                and isinstance(length, int) and not isinstance(length, bool) and length >= 1
+                and isinstance(min_masks, int) and not isinstance(min_masks, bool) and min_masks >= 0):
+            raise ValueError(f"Wav2Vec2Config feature masking: need 0 <= mask_feature_prob < 1, integer "
+                             f"mask_feature_length >= 1, integer mask_feature_min_masks >= 0; got "
+                             f"{self.mask_feature_prob!r}, {self.mask_feature_length!r}, "
+                             f"{self.mask_feature_min_masks!r}")
         if self.extractor_mode not in EXTRACTOR_MODES:
             raise ValueError(f"Wav2Vec2Config.extractor_mode={self.extractor_mode!r} is not supported; "
                              f"supported: {', '.join(map(repr, EXTRACTOR_MODES))}")
@@ -195,6 +213,9 @@ class Wav2Vec2Config:
         if self.encoder_embed_dim % self.encoder_pos_conv_groups:
             raise ValueError(f"Wav2Vec2Config.encoder_embed_dim={self.encoder_embed_dim} must be divisible by "
                              f"encoder_pos_conv_groups={self.encoder_pos_conv_groups}")
+        if self.mask_feature_prob > 0.0 and self.mask_feature_length > self.encoder_embed_dim:
+            raise ValueError(f"Wav2Vec2Config feature masking: mask_feature_length={self.mask_feature_length} "
+                             f"exceeds encoder_embed_dim={self.encoder_embed_dim} (the channels it masks)")
         for name in ("encoder_projection_dropout", "encoder_attention_dropout", "encoder_ff_interm_dropout",
                      "encoder_dropout", "encoder_layer_drop", "final_dropout"):
             value = getattr(self, name)
@@ -492,12 +513,38 @@ class Transformer(nn.Module):
         return x
 
 
+def span_mask(size: int, lengths: list[int], prob: float, length: int, min_masks: int,
+              generator: torch.Generator | None = None, max_spans: int | None = None) -> torch.Tensor:
+    """Boolean ``[len(lengths), size]`` of random spans, one row per utterance: wav2vec2's
+    span masking along one axis (frames or channels), as transformers' ``_compute_mask_indices``.
+
+    Row ``b`` covers its first ``n = lengths[b]`` positions only.  It gets
+    ``max(min_masks, int(prob * n / length + u))`` span starts (``u`` uniform in [0, 1), drawn
+    per row), at most ``max_spans`` (None: no such cap) and at most ``n - length + 1``, drawn
+    without replacement from the first ``n - length + 1`` positions; each span masks
+    ``length`` positions (spans may overlap).  A row shorter than ``length`` is not masked.
+    """
+    mask = torch.zeros(len(lengths), size, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if n < length:
+            continue  # too short for one span
+        spans = int(prob * n / length + torch.rand((), generator=generator).item())
+        spans = max(spans, min_masks)
+        if max_spans is not None:
+            spans = min(spans, max_spans)
+        spans = min(spans, n - length + 1)
+        for start in torch.randperm(n - length + 1, generator=generator)[:spans].tolist():
+            mask[b, start:start + length] = True
+    return mask
+
+
 class TimeMasking(nn.Module):
     """wav2vec2's fine-tuning masking: random spans of frames replaced by a learned vector.
 
     Per utterance of ``n`` valid frames, ``max(min_masks, int(prob * n / length + u))`` span
     starts (``u`` uniform in [0, 1), as transformers' ``_compute_mask_indices``) are drawn
-    without replacement from the first ``n - length + 1`` frames; each masks ``length``
+    without replacement from the first ``n - length + 1`` frames, at most ``T // length``
+    of them for a batch padded to ``T`` frames (transformers' cap); each masks ``length``
     frames (spans may overlap, so about ``prob`` of the frames are masked). Identity in eval
     mode. ``mask_emb`` [D] is transformers' ``masked_spec_embed`` / fairseq's ``mask_emb``.
     """
@@ -509,15 +556,9 @@ class TimeMasking(nn.Module):
 
     def span_mask(self, frames: int, lengths: list[int], generator: torch.Generator | None = None) -> torch.Tensor:
         """Boolean ``[B, frames]``: True where a frame is masked (always inside its utterance)."""
-        mask = torch.zeros(len(lengths), frames, dtype=torch.bool)
-        for b, n in enumerate(lengths):
-            if n < self.length:
-                continue  # too short for one span
-            spans = int(self.prob * n / self.length + torch.rand((), generator=generator).item())
-            spans = min(max(spans, self.min_masks), n - self.length + 1)
-            for start in torch.randperm(n - self.length + 1, generator=generator)[:spans].tolist():
-                mask[b, start:start + self.length] = True
-        return mask
+        # At most frames // length spans (frames: the padded length), as transformers caps them.
+        return span_mask(frames, lengths, self.prob, self.length, self.min_masks, generator,
+                         max_spans=frames // self.length)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         """x: [B, T, D] projected features, lengths: [B] valid frames or None -> [B, T, D]."""
@@ -528,16 +569,45 @@ class TimeMasking(nn.Module):
         return torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
 
 
+class FeatureMasking(nn.Module):
+    """wav2vec2's fine-tuning feature (channel) masking: random spans of channels set to 0
+    in every frame of an utterance (transformers' ``mask_feature_*``, fairseq's
+    ``mask_channel_*``).
+
+    Per utterance, ``max(min_masks, int(prob * D / length + u))`` spans of ``length``
+    channels (at most ``D // length`` spans, as transformers caps them), drawn as
+    ``TimeMasking``'s spans over the ``D`` channels: about ``prob`` of the channels are
+    zeroed for all its frames. Identity in eval mode; no parameters.
+    """
+
+    def __init__(self, prob: float, length: int, min_masks: int):
+        super().__init__()
+        self.prob, self.length, self.min_masks = prob, length, min_masks
+
+    def span_mask(self, channels: int, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Boolean ``[batch, channels]``: True where a channel is zeroed (in every frame)."""
+        return span_mask(channels, [channels] * batch, self.prob, self.length, self.min_masks, generator,
+                         max_spans=channels // self.length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] (time-masked) projected features -> [B, T, D]."""
+        if not self.training or self.prob == 0.0:
+            return x
+        mask = self.span_mask(x.shape[2], x.shape[0]).to(x.device)
+        return x.masked_fill(mask[:, None, :], 0.0)
+
+
 class Encoder(nn.Module):
-    """Feature projection, zeroing of padded frames, time masking (training only, when
-    configured), then the transformer."""
+    """Feature projection, zeroing of padded frames, time masking then feature masking
+    (training only, each when configured), then the transformer."""
 
     def __init__(self, feature_projection: FeatureProjection, transformer: Transformer,
-                 time_masking: "TimeMasking | None" = None):
+                 time_masking: "TimeMasking | None" = None, feature_masking: "FeatureMasking | None" = None):
         super().__init__()
         self.feature_projection = feature_projection
         self.transformer = transformer
         self.time_masking = time_masking
+        self.feature_masking = feature_masking
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None,
                 subnet: SubnetConfig | None = None) -> torch.Tensor:
@@ -549,6 +619,8 @@ class Encoder(nn.Module):
             x = x.masked_fill(~key_mask[..., None], 0.0)
         if self.time_masking is not None:
             x = self.time_masking(x, lengths)
+        if self.feature_masking is not None:
+            x = self.feature_masking(x)
         return self.transformer(x, key_mask, subnet)
 
 
@@ -586,7 +658,10 @@ class Wav2Vec2CTCModel(nn.Module):
                                        config.layer_norm_eps)
         masking = (TimeMasking(d, config.mask_time_prob, config.mask_time_length, config.mask_time_min_masks)
                    if config.mask_time_prob > 0.0 else None)  # no parameter when off: torchaudio's keys
-        self.encoder = Encoder(projection, transformer, masking)
+        feature_masking = (FeatureMasking(config.mask_feature_prob, config.mask_feature_length,
+                                          config.mask_feature_min_masks)
+                           if config.mask_feature_prob > 0.0 else None)  # no parameters either way
+        self.encoder = Encoder(projection, transformer, masking, feature_masking)
         self.final_dropout = nn.Dropout(config.final_dropout)
         self.aux = nn.Linear(d, config.vocab_size)
         if config.quant is not None:

@@ -246,7 +246,8 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
         if unknown:
             raise ValueError(f"unknown Wav2Vec2Config fields: {unknown}")
         # Only training-time settings may differ from the checkpoint's architecture.
-        tunable = ("encoder_layer_drop", "mask_time_prob", "mask_time_length", "mask_time_min_masks")
+        tunable = ("encoder_layer_drop", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
+                   "mask_feature_prob", "mask_feature_length", "mask_feature_min_masks")
         not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k in tunable))
         if not_tunable:
             raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
