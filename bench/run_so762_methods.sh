@@ -11,7 +11,9 @@
 #   bench/run_so762_methods.sh two_stage    # 2 allocations + 2 QAT runs
 #   bench/run_so762_methods.sh compare      # the table (docs/mixed_precision.md)
 #
-# STEPS (default 600) is every run's number of updates; the config is
+# STEPS (default 600) is every run's number of updates; UNIFORM_BITS (default "8 4 3 2") and
+# TARGETS (default "4 3") choose the uniform bit-widths and mixed-precision targets to train;
+# compare tables the runs that finished (and names those that did not); the config is
 # conf/mixed/so762_conformer.yaml. Results: egs/speechocean762/asr1/exp/methods_s$STEPS/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,23 +29,26 @@ C=("$root/conf/mixed/so762_conformer.yaml" supernet.init_from=$float supernet.sp
    data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16
    train.max_steps=$steps train.max_epochs=100 "supernet.anneal_steps=$((steps * 3 / 4))")
 cli() { "$python" -m allinone.cli "$@"; }
-train() { local dir=$1; shift; [ -f $exp/$dir/allocation.json ] || cli train "${C[@]}" exp_dir=$exp/$dir "$@"; }
+# --resume: a run cut off at the end of a device slot continues from its checkpoint next time.
+train() { local dir=$1; shift; [ -f $exp/$dir/allocation.json ] || cli train --resume "${C[@]}" exp_dir=$exp/$dir "$@"; }
 
 case $phase in
   uniform)
-    for b in 8 4 3 2; do train uniform_b$b supernet.strategy=fixed supernet.subnet=L12_F640_H4_B$b; done ;;
+    for b in ${UNIFORM_BITS:-8 4 3 2}; do train uniform_b$b supernet.strategy=fixed supernet.subnet=L12_F640_H4_B$b; done ;;
   one_stage)
-    for t in 4 3; do train one_stage_b$t supernet.target_bits=$t; done ;;
+    for t in ${TARGETS:-4 3}; do train one_stage_b$t supernet.target_bits=$t; done ;;
   two_stage)
-    for t in 4 3; do
+    for t in ${TARGETS:-4 3}; do
       [ -f $exp/s1_kl_b$t/allocation.json ] || \
         cli allocate "${C[@]}" supernet.target_bits=$t --method kl --out $exp/s1_kl_b$t --num-batches 8 --device cuda
       train two_stage_kl_b$t supernet.strategy=fixed supernet.subnet=$exp/s1_kl_b$t/allocation.json
     done ;;
   compare)
     runs=""
-    for b in 8 4 3 2; do runs="$runs uniform/b$b=$exp/uniform_b$b"; done
-    for t in 4 3; do runs="$runs one_stage/b$t=$exp/one_stage_b$t two_stage_kl/b$t=$exp/two_stage_kl_b$t"; done
+    for r in uniform/b8=uniform_b8 uniform/b4=uniform_b4 uniform/b3=uniform_b3 uniform/b2=uniform_b2 \
+             one_stage/b4=one_stage_b4 two_stage_kl/b4=two_stage_kl_b4 one_stage/b3=one_stage_b3 two_stage_kl/b3=two_stage_kl_b3; do
+      if [ -f $exp/${r#*=}/allocation.json ]; then runs="$runs ${r%=*}=$exp/${r#*=}"; else echo "$0: $exp/${r#*=} not finished: left out" >&2; fi
+    done
     cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16
     cat $exp/compare/results.md ;;
   *) echo "$0: unknown phase $phase (uniform, one_stage, two_stage or compare)" >&2; exit 1 ;;

@@ -125,6 +125,37 @@ def test_size_penalty_moves_expected_bits_to_target():
     assert g["b0_ffn"] > g["b0_attn"] > 0
 
 
+def test_sample_size_penalty_makes_undecided_groups_decide():
+    """Flat logits whose expectation already meets the target: the expected-size penalty is
+    zero with zero gradient, the penalty on Gumbel-softmax samples is not, and descending it
+    makes each group's choice sharper while the expected size stays at the target."""
+    model, _ = searchable(target_bits=14 / 3)  # uniform probabilities over (8, 4, 2) meet it exactly
+    search = model.bit_search
+    assert float(search.size_penalty()) < 1e-10
+    total = sum(search.numel.values())
+
+    def decided() -> float:  # weight-averaged probability of each group's top choice
+        return sum(float(p.max()) * search.numel[g] / total for g, p in search.probabilities().items())
+
+    expected_only = searchable(target_bits=14 / 3)[0].bit_search
+    expected_only.size_penalty().backward()
+    assert all(float(p.grad.abs().max()) < 1e-6 for p in expected_only.parameters())
+    opt = torch.optim.Adam(search.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    start = decided()
+    for _ in range(300):
+        search.size_penalty("square", search.sample(tau=1.0, generator=gen)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert start < 0.34 and decided() > 0.7
+    assert abs(float(search.expected_bits().detach()) - 14 / 3) < 0.5
+
+
+def test_unknown_size_of_is_refused():
+    with pytest.raises(ValueError, match="size_of"):
+        searchable(blocks=2, size_of="mode")
+
+
 def test_strategy_lowers_loss_and_reaches_the_budget():
     torch.manual_seed(0)
     model, strat = searchable(blocks=2, target_bits=3.0, size_weight=20.0, kl_weight=1.0, tau0=2.0, tau_min=0.5,
@@ -271,3 +302,36 @@ def test_learned_allocation_joins_the_supernet_and_trains_as_a_target(tmp_path):
     uniform3.search_space = tiny_space(bits=[32, 8, 4, 3, 2]).for_model(uniform3.config)
     s3 = build_strategy({"space": "x", "strategy": "fixed", "subnet": "L4_F48_H4_B3"}, uniform3)
     assert s3.subnet.max_bits() == 3
+
+
+@pytest.mark.parametrize("schedule", ["shared", "constant"])
+def test_logit_schedule_constant_gives_the_logits_their_peak_lr_from_the_first_step(schedule):
+    from allinone.train.config import load_config
+    from allinone.train.trainer import param_groups, set_learning_rates, warmup_lr
+
+    model, _ = searchable(blocks=2, target_bits=3.0, logit_lr=0.05, base_lr=1e-3, logit_schedule=schedule)
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.warmup_steps=100"])
+    cfg.supernet = {"logit_schedule": schedule}
+    optim = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr)
+    logit_ids = {id(p) for p in model.bit_search.parameters()}
+    assert logit_ids
+    set_learning_rates(optim, cfg.optim.lr, warmup_lr(1, cfg.optim.warmup_steps))
+    for g in optim.param_groups:
+        ids = {id(p) for p in g["params"]}
+        if schedule == "constant":  # the logits' group holds nothing else
+            assert not ids & logit_ids or ids <= logit_ids
+        constant = schedule == "constant" and ids <= logit_ids
+        assert math.isclose(g["lr"], 1e-3 if constant else 1e-3 * warmup_lr(1, 100))
+    # Stored logits are raw * logit_lr / optim.lr: one Adam step moves them ~logit_lr at the peak lr.
+    before = {k: v.detach().clone() for k, v in model.bit_search.logits.items()}
+    for p in model.bit_search.parameters():
+        p.grad = torch.ones_like(p)
+    optim.step()
+    moved = max(float(((model.bit_search.logits[k] - before[k]) * model.bit_search.logit_scale).abs().max())
+                for k in before)
+    assert math.isclose(moved, 0.05 if schedule == "constant" else 0.05 * warmup_lr(1, 100), rel_tol=0.05)
+
+
+def test_unknown_logit_schedule_is_refused():
+    with pytest.raises(ValueError, match="logit_schedule"):
+        searchable(blocks=2, logit_schedule="cosine")

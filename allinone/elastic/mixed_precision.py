@@ -18,7 +18,9 @@ Method (docs/mixed_precision.md; ../shared/docs/method.md section 1, second resu
   and the layer computes with ``sum_b p_b * fake_quant_b(w)``; with ``hard`` the forward
   uses the one-hot sample and the backward the soft one (straight-through).
 - Expected size: ``sum_g sum_b softmax(logits_g)_b * b * numel_g / sum_g numel_g`` bits
-  per weight; a penalty pulls it towards ``target_bits``.
+  per weight; a penalty pulls it towards ``target_bits``.  With ``size_of: sample`` the
+  penalty is on the same sum over this step's Gumbel-softmax sample instead, which also
+  penalises undecided groups (see ``MixedPrecisionSearch.size_penalty``).
 - At the end each group keeps its argmax bit-width (``final_allocation``), optionally
   lowered greedily until the average fits the target; the result is an ordinary
   ``SubnetConfig`` with a subnet string, extractable with ``allinone.elastic.extract``.
@@ -305,18 +307,25 @@ class MixedPrecisionSearch(nn.Module):
         """group -> softmax(logits) (no noise), [len(candidate_bits)]."""
         return {g: F.softmax(self.group_logits(g), -1) for g in self.groups}
 
-    def expected_bits(self) -> torch.Tensor:
-        """Scalar, differentiable: numel-weighted expected average bit-width under softmax(logits)."""
+    def expected_bits(self, probs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scalar, differentiable: numel-weighted average bit-width under ``probs`` (group ->
+        [len(candidate_bits)]; default softmax(logits), i.e. the expected average)."""
+        probs = self.probabilities() if probs is None else probs
         total = sum(self.numel.values())
         out = 0
-        for g, p in self.probabilities().items():
+        for g, p in probs.items():
             out = out + (p * self.bits_tensor).sum() * (self.numel[g] / total)
         return out
 
-    def size_penalty(self, kind: str = "square") -> torch.Tensor:
-        """``(E[bits] - target)^2`` (``square``), ``|E[bits] - target|`` (``abs``) or
-        ``max(0, E[bits] - target)^2`` (``hinge``: only above the target)."""
-        d = self.expected_bits() - self.target_bits
+    def size_penalty(self, kind: str = "square", probs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``(bits - target)^2`` (``square``), ``|bits - target|`` (``abs``) or
+        ``max(0, bits - target)^2`` (``hinge``: only above the target), where ``bits`` is
+        ``expected_bits(probs)``: the expected average under softmax(logits) by default, or
+        the average of one Gumbel-softmax sample when ``probs`` is that sample.  Penalising
+        the sample's size (as FBNet penalises the sampled latency) penalises its spread too,
+        ``E[(S - t)^2] = (E[S] - t)^2 + Var[S]``: flat probabilities whose mean meets the
+        target while their argmax does not are pushed to decide."""
+        d = self.expected_bits(probs) - self.target_bits
         if kind == "square":
             return d * d
         if kind == "abs":

@@ -123,8 +123,10 @@ class SupernetOptions:
     Mixed precision (docs/mixed_precision.md): candidate_bits: bit-widths to choose from;
     target_bits: average-bit budget; granularity: layer | block | kind; tau0, tau_min,
     anneal_steps: Gumbel-softmax temperature schedule; hard: straight-through one-hot
-    samples; size_weight, size_penalty (square | abs | hinge): the expected-size term;
-    logit_lr: peak learning rate of the logits; search_steps: after this many steps fix
+    samples; size_weight, size_penalty (square | abs | hinge): the size term; size_of:
+    ``expected`` (under softmax(logits)) or ``sample`` (of this step's Gumbel-softmax sample);
+    logit_lr: peak learning rate of the logits; logit_schedule: ``shared`` (the logits follow
+    the weights' warmup / decay) or ``constant`` (``logit_lr`` from the first step); search_steps: after this many steps fix
     the argmax allocation and fine-tune it (pass 2; 0 = search to the end);
     freeze_weights: train only the logits, model in eval mode (the two-stage baseline's
     search on the frozen float model); enforce_budget: lower the final argmax until it fits target_bits;
@@ -155,6 +157,8 @@ class SupernetOptions:
     size_weight: float = 1.0
     size_penalty: str = "square"
     logit_lr: float = 0.01
+    logit_schedule: str = "shared"
+    size_of: str = "expected"
     search_steps: int = 0
     freeze_weights: bool = False
     enforce_budget: bool = True
@@ -200,6 +204,10 @@ class SupernetOptions:
                 raise ValueError(f"supernet.tau0={opts.tau0}, tau_min={opts.tau_min}: need 0 < tau_min <= tau0")
             if opts.size_weight < 0 or opts.logit_lr <= 0 or opts.search_steps < 0:
                 raise ValueError("supernet.size_weight must be >= 0, logit_lr > 0, search_steps >= 0")
+            if opts.size_of not in ("expected", "sample"):
+                raise ValueError(f"supernet.size_of {opts.size_of!r}; expected expected or sample")
+            if opts.logit_schedule not in ("shared", "constant"):
+                raise ValueError(f"supernet.logit_schedule {opts.logit_schedule!r}; expected shared or constant")
             if opts.size_penalty not in ("square", "abs", "hinge"):
                 raise ValueError(f"supernet.size_penalty={opts.size_penalty!r}; expected square, abs or hinge")
         return opts
@@ -367,10 +375,10 @@ class MixedPrecisionStrategy(_DistilledSingleSystem):
         with grad_sync_context(ddp_model, sync_grads):
             if searching:
                 tau = temperature(step, o.tau0, o.tau_min, o.anneal_steps)
-                search.sample(tau, o.hard, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+                sample = search.sample(tau, o.hard, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
             loss, logs = self._loss(ddp_model, batch, use_bf16, self.mixed if searching else self.fixed)
             if searching:
-                penalty = search.size_penalty(o.size_penalty)
+                penalty = search.size_penalty(o.size_penalty, sample if o.size_of == "sample" else None)
                 loss = loss + o.size_weight * penalty
                 logs["penalty"] = penalty.detach()
                 logs["tau"] = torch.tensor(tau)

@@ -310,20 +310,25 @@ def load_pretrained_wav2vec2(path: str, vocab_size: int, trust_pickle: bool,
 def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
     """AdamW parameter groups: no weight decay on norms and biases (parameters of < 2 dims),
     frozen parameters left out, and for wav2vec2 models with ``model.layer_lr_decay`` < 1 one
-    group per learning-rate scale.  Each group's ``lr_scale`` multiplies the scheduled lr."""
+    group per learning-rate scale.  Each group's ``lr_scale`` multiplies the scheduled lr;
+    a group with ``scheduled: False`` (the mixed-precision logits under
+    ``supernet.logit_schedule: constant``) takes the peak lr from the first step on."""
     from allinone.train.config import model_kind, wav2vec2_section
 
     decay_rate = 1.0
     if model_kind(cfg.model) == "wav2vec2":
         decay_rate = wav2vec2_section(cfg.model).layer_lr_decay
-    groups: dict[tuple[float, bool], list] = {}
+    constant_logits = (cfg.supernet or {}).get("logit_schedule", "shared") == "constant"
+    groups: dict[tuple[float, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = decay_rate ** wav2vec2_lr_depth(model, name) if decay_rate != 1.0 else 1.0
-        groups.setdefault((scale, p.ndim < 2), []).append(p)
-    return [{"params": params, "lr_scale": scale, "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
-            for (scale, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
+        scheduled = not (constant_logits and name.startswith("bit_search."))
+        groups.setdefault((scale, p.ndim < 2, scheduled), []).append(p)
+    return [{"params": params, "lr_scale": scale, "scheduled": scheduled,
+             "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
+            for (scale, no_decay, scheduled), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], not kv[0][2]))]
 
 
 def wav2vec2_lr_depth(model, name: str) -> int:
@@ -342,6 +347,13 @@ def wav2vec2_lr_depth(model, name: str) -> int:
         # Pre-LN applies it after the last layer; post-LN right after the positional embedding.
         return 0 if model.config.encoder_layer_norm_first else n + 1
     return n + 1
+
+
+def set_learning_rates(optim: torch.optim.Optimizer, peak_lr: float, factor: float) -> None:
+    """Each group's lr: ``peak_lr * factor * lr_scale`` (``factor``: the schedule's value this
+    step), or ``peak_lr * lr_scale`` for a group with ``scheduled: False`` (``param_groups``)."""
+    for g in optim.param_groups:  # (checkpoints of older runs have no lr_scale / scheduled)
+        g["lr"] = peak_lr * (factor if g.get("scheduled", True) else 1.0) * g.get("lr_scale", 1.0)
 
 
 def warmup_lr(step: int, warmup: int) -> float:
@@ -510,9 +522,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
             window["utts"] += batch["feats"].shape[0]
             if not sync:
                 continue
-            lr = cfg.optim.lr * warmup_lr(state["step"] + 1, cfg.optim.warmup_steps)
-            for g in optim.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)  # (checkpoints of older runs have no lr_scale)
+            factor = warmup_lr(state["step"] + 1, cfg.optim.warmup_steps)
+            lr = cfg.optim.lr * factor
+            set_learning_rates(optim, cfg.optim.lr, factor)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optim.found_inf = (~torch.isfinite(grad_norm)).float()
             optim.step()  # a no-op on the device when found_inf is 1
@@ -613,4 +625,4 @@ def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> No
 
 
 __all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model", "build_wav2vec2",
-           "load_pretrained_wav2vec2", "param_groups", "front_end_config"]
+           "load_pretrained_wav2vec2", "param_groups", "set_learning_rates", "front_end_config"]
