@@ -16,6 +16,8 @@ Rows:
   supernet 4-bit            the largest width/depth at 4 bits (fake quantization)
   supernet ... compiled     (--compile) the supernet under torch.compile, float and 4-bit
   sandwich (n subnets)      one SupernetStrategy step, against the sum of its single steps
+  one-stage mixed precision one MixedPrecisionStrategy step (labels only): 8/4/2-bit
+                            candidates mixed per layer, against the 4-bit row
 
 Run on a GPU:   python bench/bench_train_step.py --device cuda --compile [--preset so762]
 Smoke test:     python bench/bench_train_step.py --preset tiny --device cpu
@@ -236,6 +238,27 @@ def main() -> None:
 
     add("sandwich (largest + smallest + 1 random)", sandwich_step)
 
+    # One-stage mixed precision (issue 6): every weight computes all three candidates'
+    # fake quantization and mixes them with its group's Gumbel-softmax sample. Against
+    # "supernet largest 4-bit" (one candidate), this row is the mixture's overhead, which
+    # decides one-stage's compression time against two-stage's. Labels only (kl_weight 0),
+    # as in the 4-bit row.
+    mixed = ASRModel(ASRModelConfig.from_dict({"encoder": asdict(enc), "vocab_size": vocab, "quant": quant})).to(dev)
+    mixed_space = init_supernet(mixed, {"depth": [enc.num_blocks], "ffn": [enc.linear_units],
+                                        "heads": [enc.attention_heads], "bits": [32, 8, 4, 2],
+                                        "per_layer": ["bits"], "per_kind_bits": True})
+    mixed_strategy = build_strategy({"space": mixed_space.to_dict(), "strategy": "mixed_precision",
+                                     "kl_weight": 0.0, "target_bits": 4.0}, mixed, seed=0, base_lr=1e-4)
+    mixed_opt = torch.optim.AdamW(mixed.parameters(), lr=1e-4)
+
+    def mixed_step():
+        mixed_strategy.step(mixed, mixed, batch_dict, use_bf16=dev == "cuda", loss_scale=1.0, sync_grads=True)
+        with torch.profiler.record_function(_OPT_REGION):
+            mixed_opt.step()
+            mixed_opt.zero_grad(set_to_none=True)
+
+    add("one-stage mixed precision (8/4/2 per layer)", mixed_step)
+
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}: batch {batch} x {frames} frames; "
           f"encoder {enc.num_blocks} x {enc.output_size}, FFN {enc.linear_units}; vocab {vocab}; "
@@ -261,6 +284,9 @@ def main() -> None:
     single += 0.5 * single
     print(f"\nsandwich {ms_of['sandwich (largest + smallest + 1 random)']:.1f} ms vs sum of its single "
           f"steps {single:.1f} ms (largest + smallest + their mean for the random one)")
+    print(f"one-stage mixed-precision step {ms_of['one-stage mixed precision (8/4/2 per layer)']:.1f} ms = "
+          f"{ms_of['one-stage mixed precision (8/4/2 per layer)'] / ms_of['supernet largest 4-bit']:.2f}x "
+          f"the 4-bit step")
 
 
 if __name__ == "__main__":
