@@ -226,17 +226,22 @@ def main() -> None:
 
     from allinone.train.strategies import build_strategy
 
-    strategy = build_strategy({"space": space.to_dict(), "strategy": "sandwich", "num_random": 1}, sup, seed=0)
-    opt = torch.optim.AdamW(sup.parameters(), lr=1e-4)
     batch_dict = {"feats": feats, "feat_lens": lens, "tokens": tokens, "token_lens": tok_lens}
 
-    def sandwich_step():
-        strategy.step(sup, sup, batch_dict, use_bf16=dev == "cuda", loss_scale=1.0, sync_grads=True)
-        with torch.profiler.record_function(_OPT_REGION):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def strategy_step(strategy, model):
+        """One trainer step of ``strategy`` (its forwards and backwards) and an AdamW update."""
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    add("sandwich (largest + smallest + 1 random)", sandwich_step)
+        def step():
+            strategy.step(model, model, batch_dict, use_bf16=dev == "cuda", loss_scale=1.0, sync_grads=True)
+            with torch.profiler.record_function(_OPT_REGION):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return step
+
+    sandwich = build_strategy({"space": space.to_dict(), "strategy": "sandwich", "num_random": 1}, sup, seed=0)
+    add("sandwich (largest + smallest + 1 random)", strategy_step(sandwich, sup))
 
     # One-stage mixed precision (issue 6): every weight computes all three candidates'
     # fake quantization and mixes them with its group's Gumbel-softmax sample. Against
@@ -249,15 +254,7 @@ def main() -> None:
                                         "per_layer": ["bits"], "per_kind_bits": True})
     mixed_strategy = build_strategy({"space": mixed_space.to_dict(), "strategy": "mixed_precision",
                                      "kl_weight": 0.0, "target_bits": 4.0}, mixed, seed=0, base_lr=1e-4)
-    mixed_opt = torch.optim.AdamW(mixed.parameters(), lr=1e-4)
-
-    def mixed_step():
-        mixed_strategy.step(mixed, mixed, batch_dict, use_bf16=dev == "cuda", loss_scale=1.0, sync_grads=True)
-        with torch.profiler.record_function(_OPT_REGION):
-            mixed_opt.step()
-            mixed_opt.zero_grad(set_to_none=True)
-
-    add("one-stage mixed precision (8/4/2 per layer)", mixed_step)
+    add("one-stage mixed precision (8/4/2 per layer)", strategy_step(mixed_strategy, mixed))
 
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}: batch {batch} x {frames} frames; "
