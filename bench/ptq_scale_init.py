@@ -27,7 +27,7 @@ def ptq_model(float_model: ASRModel, bits: list[int], method: str) -> ASRModel:
     """A copy of ``float_model`` with weight quantizers at ``bits``, scales set by ``method``."""
     cfg = dataclasses.replace(float_model.config, quant=QuantConfig(bits=bits, method=method))
     model = ASRModel(cfg)
-    missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
+    _, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)  # quantizers are new
     if unexpected:
         raise ValueError(f"unexpected weights {unexpected[:3]}: is this a float Conformer?")
     enc = cfg.encoder

@@ -45,10 +45,9 @@ case $phase in
     done ;;
   compare)
     runs=""
-    for r in uniform/b8=uniform_b8 uniform/b4=uniform_b4 uniform/b3=uniform_b3 uniform/b2=uniform_b2 \
-             one_stage/b4=one_stage_b4 two_stage_kl/b4=two_stage_kl_b4 one_stage/b3=one_stage_b3 two_stage_kl/b3=two_stage_kl_b3; do
-      if [ -f $exp/${r#*=}/allocation.json ]; then runs="$runs ${r%=*}=$exp/${r#*=}"; else echo "$0: $exp/${r#*=} not finished: left out" >&2; fi
-    done
+    add() { if [ -f $exp/$2/allocation.json ]; then runs="$runs $1=$exp/$2"; else echo "$0: $exp/$2 not finished: left out" >&2; fi; }
+    for b in 8 4 3 2; do add uniform/b$b uniform_b$b; done
+    for t in 4 3; do add one_stage/b$t one_stage_b$t; add two_stage_kl/b$t two_stage_kl_b$t; done
     cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16
     cat $exp/compare/results.md ;;
   *) echo "$0: unknown phase $phase (uniform, one_stage, two_stage or compare)" >&2; exit 1 ;;

@@ -318,7 +318,7 @@ def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
     decay_rate = 1.0
     if model_kind(cfg.model) == "wav2vec2":
         decay_rate = wav2vec2_section(cfg.model).layer_lr_decay
-    constant_logits = (cfg.supernet or {}).get("logit_schedule", "shared") == "constant"
+    constant_logits = (cfg.supernet or {}).get("logit_schedule") == "constant"
     groups: dict[tuple[float, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
