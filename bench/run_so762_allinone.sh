@@ -10,6 +10,7 @@
 #
 # The data directories must be in egs/speechocean762/asr1/data/{train,dev,test} (recipe
 # stage 1, or the shipped lists copied there with audio/ beside them).  Environment:
+# BASELINE_OPTS adds overrides to the float model's training (e.g. train.max_epochs=30);
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
@@ -26,7 +27,7 @@ cli() { "$python" -m allinone.cli "$@"; }
 
 case $phase in
   baseline)
-    ./run.sh --stage 2 --stop_stage 3 --nj 16 --python "$python"
+    ./run.sh --stage 2 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     ;;
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from allinone.quant.quantizer import (
-    SUPPORTED_BITS, MultiPrecisionQuantizer, NestedQuantizer, compute_scale, fake_quant, fake_quant_reference)
+    SUPPORTED_BITS, MultiPrecisionQuantizer, NestedQuantizer, compute_scale, fake_quant, fake_quant_mixture,
+    fake_quant_reference)
 
 INT_BITS = [b for b in SUPPORTED_BITS if b != 32]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -141,3 +142,90 @@ def test_float_nested_codes_equal_integer_ones():
         top = torch.arange(-quant_levels(hi), quant_levels(hi) + 1)
         for lo in range(1, hi):
             assert torch.equal(_float_nested_codes(top.float(), hi, lo), nested_codes(top, hi, lo).float())
+
+
+# ----------------------------------------------------------------------------- candidate mixture
+
+
+def _loop_mixture(w, scales, bits, probs, learn_scale):
+    """The reference: one ``fake_quant_reference`` per candidate, weighted and summed."""
+    out = 0
+    for s, b, p in zip(scales, bits, probs):
+        out = out + p * fake_quant_reference(w, s, b, learn_scale)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [(8, 4, 2), (4, 3), (8, 2, 1)])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("learn_scale", [False, True])
+@pytest.mark.parametrize("probs", ["soft", "one_hot"])
+def test_fake_quant_mixture_equals_the_loop(device, bits, per_channel, learn_scale, probs):
+    w0 = _weights((12, 5, 3), 7, device)
+    s0 = [compute_scale(w0, b, per_channel, "max") * 0.7 for b in bits]  # 0.7: some weights clip
+    if probs == "soft":
+        p0 = torch.softmax(torch.randn(len(bits), generator=torch.Generator().manual_seed(1)), 0).to(device)
+    else:
+        p0 = torch.zeros(len(bits), device=device)
+        p0[1] = 1.0
+    up = _weights((12, 5, 3), 8, device)
+    results = []
+    for fn in (fake_quant_mixture, _loop_mixture):
+        w = w0.clone().requires_grad_(True)
+        s = [x.clone().requires_grad_(learn_scale) for x in s0]
+        p = p0.clone().requires_grad_(True)
+        out = fn(w, s, bits, p, learn_scale)
+        (out * up).sum().backward()
+        results.append((out.detach(), w.grad, p.grad, [x.grad for x in s]))
+    (out_f, gw_f, gp_f, gs_f), (out_r, gw_r, gp_r, gs_r) = results
+    torch.testing.assert_close(out_f, out_r, rtol=1e-6, atol=1e-7)
+    if probs == "one_hot":
+        assert torch.equal(out_f, out_r)  # adding exact zeros: bit for bit the chosen candidate
+    torch.testing.assert_close(gw_f, gw_r, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gp_f, gp_r, rtol=1e-5, atol=1e-5)
+    for f, r in zip(gs_f, gs_r):
+        if learn_scale:
+            assert f.shape == r.shape
+            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6)
+        else:
+            assert f is None and r is None
+
+
+def test_fake_quant_mixture_of_a_sliced_weight_and_bad_input():
+    q = MultiPrecisionQuantizer([8, 4, 2], (10, 6), per_channel=True)
+    latent = _weights((10, 6), 3, "cpu")
+    q.init_scales(latent)
+    w = latent[:7, :4]
+    p = torch.tensor([0.2, 0.5, 0.3])
+    mixed = fake_quant_mixture(w, [q.scale(b)[:7] for b in (8, 4, 2)], (8, 4, 2), p, True)
+    expected = sum(pi * q(w, b) for pi, b in zip(p, (8, 4, 2)))
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="32"):
+        fake_quant_mixture(w, [q.scale(8)[:7]] * 2, (8, 32), p[:2])
+    with pytest.raises(ValueError, match="as many scales"):
+        fake_quant_mixture(w, [q.scale(8)[:7]], (8, 4), p[:2])
+    with pytest.raises(ValueError, match="outside the supported set"):
+        fake_quant_mixture(w, [q.scale(8)[:7]] * 2, (8, 9), p[:2])
+
+
+def test_mixed_quantizer_uses_the_fused_mixture_without_host_syncs():
+    """A searchable quantizer's mixture goes through ``fake_quant_mixture`` and, once its
+    constants are cached, copies nothing from the host (the CPU stand-in for a sync check:
+    no new tensor constructor call per step)."""
+    from allinone.elastic import mixed_precision as mp
+
+    q = MultiPrecisionQuantizer([8, 4, 2], (10, 6), per_channel=True)
+    q.init_scales(_weights((10, 6), 3, "cpu"))
+    q.__class__ = mp.MixedMultiPrecisionQuantizer
+    q.mix_bits, q.mix_probs = (8, 4, 2), torch.tensor([0.2, 0.5, 0.3])
+    w = _weights((10, 6), 3, "cpu")
+    loop = mp._BitMixture.mixture(q, w)
+    torch.testing.assert_close(q(w, mp.MIXED_BITS), loop, rtol=1e-6, atol=1e-7)
+    calls = []
+    real = torch.tensor
+    try:
+        torch.tensor = lambda *a, **k: calls.append(a) or real(*a, **k)
+        q(w, mp.MIXED_BITS)
+    finally:
+        torch.tensor = real
+    assert calls == []

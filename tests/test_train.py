@@ -8,7 +8,7 @@ import torch
 
 from allinone.cli import main as cli
 from allinone.train.config import load_config
-from allinone.train.trainer import average_checkpoints, train, warmup_lr
+from allinone.train.trainer import average_checkpoints, best_epochs, train, warmup_lr
 
 TINY_MODEL = {"encoder": {"output_size": 32, "attention_heads": 2, "linear_units": 64, "num_blocks": 2,
                           "cnn_module_kernel": 7}, "ctc_weight": 1.0}
@@ -97,6 +97,57 @@ def test_train_lowers_loss_resumes_and_decodes(digits, tmp_path):
 
     refs = {u.utt_id: u.text for u in read_data_dir(digits / "test")}
     assert wer["errors"] == score(refs, {k: hyps.get(k, "") for k in refs}).errors
+
+
+def test_validation_error_rates_equal_the_decode_command(digits, tmp_path):
+    """The per-epoch greedy WER / CER of the validation set are what ``allinone decode`` scores.
+
+    One update (the model still emits many wrong characters, so the rates are far from 0 and
+    100), ``keep_best=1``: the final model is that epoch's weights, decoded by the separate
+    decode path (its own feature extraction, batching and scoring).
+    """
+    exp = tmp_path / "exp"
+    final = train(tiny_config(digits, exp, max_epochs=1, max_steps=1, keep_best=1))
+    (entry,) = json.loads((exp / "history.json").read_text())
+    out = tmp_path / "decode"
+    assert cli(["decode", str(final), "--data", str(digits / "test"), "--out", str(out), "--num-workers", "1"]) == 0
+    wer = json.loads((out / "wer.json").read_text())
+    assert 0 < wer["cer"] and 0 < wer["wer"]
+    assert entry["valid_wer"] == pytest.approx(wer["wer"], abs=1e-3)
+    assert entry["valid_cer"] == pytest.approx(wer["cer"], abs=1e-3)
+
+
+def test_best_epochs_ranks_by_the_chosen_measure():
+    history = [{"epoch": 1, "valid_loss": 3.0, "valid_wer": 90.0},
+               {"epoch": 2, "valid_loss": 2.0, "valid_wer": 80.0},
+               {"epoch": 3, "valid_loss": 2.5, "valid_wer": 70.0},
+               {"epoch": 4, "valid_loss": 2.6, "valid_wer": 70.0}]
+    assert [h["epoch"] for h in best_epochs(history, 2)] == [2, 3]
+    assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [3, 4]  # tie: earlier first
+    assert [h["epoch"] for h in best_epochs(history, 1, "valid_wer")] == [3]
+    with pytest.raises(ValueError, match="valid_cer.*select_by"):
+        best_epochs(history, 1, "valid_cer")
+
+
+def test_select_by_picks_the_averaged_epochs(digits, tmp_path):
+    exp = tmp_path / "exp"
+    final = train(tiny_config(digits, exp, max_epochs=3, keep_best=1, select_by="cer"))
+    history = json.loads((exp / "history.json").read_text())
+    best = min(history, key=lambda h: (h["valid_cer"], h["epoch"]))["epoch"]
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["averaged_epochs"] == [best] and saved["selected_by"] == "valid_cer"
+    # Only the selected epoch's checkpoint is kept.
+    assert sorted(p.name for p in exp.glob("epoch*.pt")) == [f"epoch{best}.pt"]
+
+
+def test_select_by_errors(digits, tmp_path):
+    with pytest.raises(ValueError, match="select_by='accuracy'"):
+        train(tiny_config(digits, tmp_path / "a", select_by="accuracy"))
+    cfg = tiny_config(digits, tmp_path / "b", select_by="wer", max_steps=1)
+    cfg.model = {**TINY_MODEL, "ctc_weight": 0.0, "decoder": {"num_blocks": 1, "linear_units": 32,
+                                                                "attention_heads": 2}}
+    with pytest.raises(ValueError, match="CTC head"):
+        train(cfg)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

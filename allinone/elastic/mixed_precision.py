@@ -57,7 +57,7 @@ from torch import nn
 from allinone.elastic.mixed_budget import allocate_knapsack, average_bits
 from allinone.elastic.quant import quantizable_layers
 from allinone.elastic.subnet import FLOAT_BITS, KINDS, LayerChoice, SubnetConfig
-from allinone.quant.quantizer import MultiPrecisionQuantizer, NestedQuantizer
+from allinone.quant.quantizer import MultiPrecisionQuantizer, NestedQuantizer, fake_quant_mixture
 from allinone.utils import atomic_open
 
 __all__ = [
@@ -236,6 +236,10 @@ class _BitMixture:
             return super().forward(weight, bits)
         if self.mix_probs is None:
             raise RuntimeError("mixed-precision search: no sample drawn; call MixedPrecisionSearch.sample first")
+        return self.mixture(weight)
+
+    def mixture(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mixture as a loop over the candidates (each through the base quantizer)."""
         out = 0
         for p, b in zip(self.mix_probs, self.mix_bits):
             # Every candidate is computed even when p_b is 0 (hard samples): the logits'
@@ -245,11 +249,22 @@ class _BitMixture:
 
 
 class MixedMultiPrecisionQuantizer(_BitMixture, MultiPrecisionQuantizer):
-    """A ``MultiPrecisionQuantizer`` that also answers ``MIXED_BITS`` (see ``_BitMixture``)."""
+    """A ``MultiPrecisionQuantizer`` that also answers ``MIXED_BITS`` (see ``_BitMixture``).
+
+    Independent scales make the candidates one stacked computation
+    (``allinone.quant.quantizer.fake_quant_mixture``): the same values and gradients as the
+    loop with a third of its kernel launches at three candidates.
+    """
+
+    def mixture(self, weight: torch.Tensor) -> torch.Tensor:
+        self._check_slice(weight)
+        scales = [self._sliced_scale(b, weight) for b in self.mix_bits]
+        return fake_quant_mixture(weight, scales, self.mix_bits, self.mix_probs, self.learn_scale)
 
 
 class MixedNestedQuantizer(_BitMixture, NestedQuantizer):
-    """A ``NestedQuantizer`` that also answers ``MIXED_BITS`` (see ``_BitMixture``)."""
+    """A ``NestedQuantizer`` that also answers ``MIXED_BITS`` (see ``_BitMixture``): the loop,
+    since a lower bit-width's codes derive from the top bit-width's."""
 
 
 _MIXED_CLASS = {MultiPrecisionQuantizer: MixedMultiPrecisionQuantizer, NestedQuantizer: MixedNestedQuantizer}
@@ -295,6 +310,9 @@ class MixedPrecisionSearch(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("bits_tensor", torch.tensor(self.candidate_bits, dtype=torch.float32),
                              persistent=False)
+        total = sum(self.numel.values())
+        self.register_buffer("numel_share", torch.tensor([self.numel[g] / total for g in self.groups]),
+                             persistent=False)  # [G]: each group's share of the quantized weights
         # Quantizers of each group (plain list, not submodules: they belong to their layers).
         self.members: dict[str, list[nn.Module]] = {g: [] for g in self.groups}
         self.last_tau: float | None = None
@@ -303,19 +321,20 @@ class MixedPrecisionSearch(nn.Module):
         """[len(candidate_bits)] logits of ``group`` (stored Parameter * logit_scale)."""
         return self.logits[group] * self.logit_scale
 
+    def stacked_logits(self) -> torch.Tensor:
+        """[G, len(candidate_bits)]: every group's logits, in ``groups`` order (one tensor, so
+        that sampling and the size terms are a few operations for any number of groups)."""
+        return torch.stack([self.logits[g] for g in self.groups]) * self.logit_scale
+
     def probabilities(self) -> dict[str, torch.Tensor]:
         """group -> softmax(logits) (no noise), [len(candidate_bits)]."""
-        return {g: F.softmax(self.group_logits(g), -1) for g in self.groups}
+        return dict(zip(self.groups, F.softmax(self.stacked_logits(), -1).unbind(0)))
 
     def expected_bits(self, probs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Scalar, differentiable: numel-weighted average bit-width under ``probs`` (group ->
+        """Scalar, differentiable: numel-weighted average bit-width under ``probs`` (every group ->
         [len(candidate_bits)]; default softmax(logits), i.e. the expected average)."""
-        probs = self.probabilities() if probs is None else probs
-        total = sum(self.numel.values())
-        out = 0
-        for g, p in probs.items():
-            out = out + (p * self.bits_tensor).sum() * (self.numel[g] / total)
-        return out
+        p = F.softmax(self.stacked_logits(), -1) if probs is None else torch.stack([probs[g] for g in self.groups])
+        return (p @ self.bits_tensor) @ self.numel_share
 
     def size_penalty(self, kind: str = "square", probs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``(bits - target)^2`` (``square``), ``|bits - target|`` (``abs``) or
@@ -338,7 +357,7 @@ class MixedPrecisionSearch(nn.Module):
                ) -> dict[str, torch.Tensor]:
         """Draw one Gumbel-softmax sample per group and hand it to the group's quantizers."""
         self.last_tau = tau
-        probs = {g: gumbel_softmax(self.group_logits(g), tau, hard, generator) for g in self.groups}
+        probs = dict(zip(self.groups, gumbel_softmax(self.stacked_logits(), tau, hard, generator).unbind(0)))
         for g, qs in self.members.items():
             for q in qs:
                 q.mix_probs = probs[g]

@@ -311,6 +311,107 @@ def fake_quant(weight: torch.Tensor, scale: torch.Tensor, bits: int, learn_scale
     return _FakeQuantFast.apply(weight, scale, None, levels, bits, g, learn_scale)
 
 
+class _FakeQuantMixture(torch.autograd.Function):
+    """``sum_k p_k * fake_quant(w, s_k, b_k)`` for K bit-widths in one set of stacked operations.
+
+    What the one-stage mixed-precision search computes for every weight of every step
+    (``allinone.elastic.mixed_precision``). A loop over the candidates costs each one its own
+    ``fake_quant`` (4-6 operations forward, 1-3 backward) plus the mixture's multiplies, adds
+    and their gradients: about 40 kernels for 3 candidates with learned scales. Here the
+    candidates are one stacked tensor ``[K, *w.shape]``: about 20 kernels (forward and
+    backward), a count that grows with K only in the per-scale gradient sums.
+    Values and gradients are the loop's (``_FakeQuantFast`` per candidate), up to float
+    summation order:
+
+    - d out / d p_k = sum(grad * fake_quant_k(w));
+    - d out / d w = grad * sum_k p_k * inside_k (each candidate's clipped straight-through
+      estimator, weighted);
+    - d out / d s_k = g_k * sum over the scale's broadcast dims of p_k * grad * (codes_k - v_k *
+      inside_k) (LSQ, scaled by the candidate's weight p_k), when ``learn_scale``.
+
+    forward(weight [out, ...], probs [K], low = -L and high = L [K, 1, ...], grad_scales [K, 1, ...],
+    sign_rows ([K, 1, ...] bool: 1-bit candidates, whose code is the sign; or None),
+    learn_scale, *scales (K tensors broadcastable to the weight)) -> [out, ...] (weight's dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, probs, low, high, grad_scales, sign_rows, learn_scale: bool, *scales):
+        stacked = torch.stack(scales)  # [K, out or 1, 1 or in, ...]
+        v = weight.unsqueeze(0) / stacked  # [K, *w.shape]
+        clipped = torch.clamp(v, low, high)
+        codes = clipped.round()
+        if sign_rows is not None:
+            codes = torch.where(sign_rows, torch.where(weight >= 0, 1.0, -1.0).to(codes.dtype), codes)
+        quantized = codes * stacked + 0.0  # + 0.0: int8 codes have no -0.0 (see _times)
+        p = probs.to(quantized.dtype).view(-1, *([1] * weight.dim()))
+        out = (p * quantized).sum(0).to(weight.dtype)
+        inside = clipped == v
+        ctx.learn_scale = learn_scale and any(ctx.needs_input_grad[7:])
+        ctx.shape_of_scales = [s.shape for s in scales]
+        ctx.scale_dtype = stacked.dtype
+        if ctx.learn_scale:
+            ctx.save_for_backward(p, quantized, inside, torch.addcmul(codes, v, inside, value=-1.0), grad_scales)
+        else:
+            ctx.save_for_backward(p, quantized, inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, quantized, inside = ctx.saved_tensors[:3]
+        g = grad_out.to(quantized.dtype).unsqueeze(0)
+        grad_probs = (quantized * g).flatten(1).sum(1)
+        grad_weight = (g * (p * inside).sum(0)).squeeze(0).to(grad_out.dtype)
+        grad_scales = [None] * len(ctx.shape_of_scales)
+        if ctx.learn_scale:
+            local, gscale = ctx.saved_tensors[3:]
+            full = g * local * (p * gscale)
+            grad_scales = [full[k].sum_to_size(shape).to(ctx.scale_dtype)
+                           for k, shape in enumerate(ctx.shape_of_scales)]
+        return (grad_weight, grad_probs, None, None, None, None, None, *grad_scales)
+
+
+def fake_quant_mixture(weight: torch.Tensor, scales: Sequence[torch.Tensor], bits: Sequence[int],
+                       probs: torch.Tensor, learn_scale: bool = False) -> torch.Tensor:
+    """``sum_k probs[k] * fake_quant(weight, scales[k], bits[k], learn_scale)``, fused.
+
+    weight: [out, ...]; scales: one per bit-width, each ``[out, 1, ...]`` or ``[1, ...]`` (all
+    the same shape); bits: integer bit-widths 1..8; probs: [K] mixture weights (any values:
+    a Gumbel-softmax sample, one-hot or soft). Returns the weight's shape and dtype;
+    ``probs``, the weight and (with ``learn_scale``) the scales get gradients
+    (``_FakeQuantMixture``).
+    """
+    bits = [check_bits(int(b)) for b in bits]
+    if FLOAT_BITS in bits:
+        raise ValueError("fake_quant_mixture mixes integer bit-widths; 32 (float) is not one")
+    if len(scales) != len(bits) or probs.shape != (len(bits),):
+        raise ValueError(f"{len(bits)} bit-widths need as many scales (got {len(scales)}) and probs of "
+                         f"shape [{len(bits)}] (got {tuple(probs.shape)})")
+    key = (tuple(bits), weight.dim(), weight.numel(), scales[0].numel(), weight.device, scales[0].dtype)
+    consts = None if torch.compiler.is_compiling() else _MIXTURE_CONSTANTS.get(key)
+    if consts is None:
+        consts = _mixture_constants(*key)
+        if not torch.compiler.is_compiling():
+            _MIXTURE_CONSTANTS[key] = consts
+    return _FakeQuantMixture.apply(weight, probs, *consts, learn_scale, *scales)
+
+
+# (bits, weight dims, weight numel, scale numel, device, dtype) -> fake_quant_mixture's constants,
+# built once: a host-to-device copy per weight per step would cost as much as the mixture.
+_MIXTURE_CONSTANTS: dict[tuple, tuple] = {}
+
+
+def _mixture_constants(bits: tuple[int, ...], dim: int, numel: int, scale_numel: int, device, dtype):
+    """-L and L [K, 1, ...], LSQ gradient scales [K, 1, ...], 1-bit rows ([K, 1, ...] bool or None)."""
+    shape = (len(bits),) + (1,) * dim
+    with torch.inference_mode(False):  # usable in and out of inference mode
+        levels = torch.tensor([quant_levels(b) for b in bits], dtype=dtype).view(shape).to(device)
+        low = -levels
+        grad_scales = torch.tensor([lsq_grad_scale(numel, scale_numel, quant_levels(b)) for b in bits],
+                                   dtype=dtype).view(shape).to(device)
+        sign_rows = torch.tensor([b == 1 for b in bits]).view(shape).to(device) if 1 in bits else None
+    return low, levels, grad_scales, sign_rows
+
+
 def _float_nested_codes(top_codes: torch.Tensor, bits_hi: int, bits_lo: int) -> torch.Tensor:
     """``nested_codes`` on float codes (integers in a float tensor), returning float codes.
 

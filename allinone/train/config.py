@@ -73,7 +73,12 @@ class TrainSection:
     seed: int = 0
     log_every: int = 20
     save_every_steps: int = 500
-    keep_best: int = 5  # best-k (by validation loss) epoch checkpoints averaged at the end
+    keep_best: int = 5  # best-k epoch checkpoints (by ``select_by``) averaged at the end
+    # What ranks the epochs for that average: ``loss`` (validation loss), ``wer`` or ``cer``
+    # (greedy CTC decoding of the validation set, computed every epoch for models with a CTC
+    # head). A CTC model's validation loss turns up (over-confidence) long before its error
+    # rate stops falling, so ranking by loss can average epochs that decode worse.
+    select_by: str = "loss"
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit); for smoke runs
     # Stop after this much training time (0 = no limit) and still validate, average and save;

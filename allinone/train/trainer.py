@@ -378,23 +378,60 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- loop
 
 
+# train.select_by -> the history key that ranks epochs for the final average (lower is better).
+SELECT_BY = {"loss": "valid_loss", "wer": "valid_wer", "cer": "valid_cer"}
+
+
 @torch.no_grad()
-def validate(model, loader, device, use_bf16: bool) -> float:
-    """Mean per-utterance loss over the validation set (all ranks summed)."""
+def validate(model, loader, device, use_bf16: bool, tokenizer=None,
+             references: dict[str, str] | None = None) -> dict[str, float]:
+    """Validation loss and, with ``tokenizer`` and ``references``, greedy-CTC error rates.
+
+    Returns ``{"valid_loss": mean per-utterance loss}``, plus ``valid_wer`` and
+    ``valid_cer`` (%, ``allinone.eval.wer.score``: word and whitespace-free character edit
+    distance of the greedy CTC hypotheses against ``references``, utterance id -> text, the
+    transcripts as ``allinone decode`` scores them: the tokens would spell characters the
+    tokenizer never saw as ``<unk>``). The model must then have a CTC head. Under DDP each
+    rank scores its shard and the counts are summed.
+    """
+    from allinone.eval.ctc_decode import ctc_greedy_batch
+    from allinone.eval.wer import score
+
     model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    # loss * utterances, utterances, word errors, reference words, char errors, reference chars
+    sums = torch.zeros(6, device=device, dtype=torch.float64)
+    decode = tokenizer is not None and references is not None
+    hyps: dict[str, str] = {}
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"])
+            out = model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"],
+                        return_ctc_log_probs=decode)
         n = batch["feats"].shape[0]
-        total += out["loss"].float() * n
-        count += n
+        sums[0] += out["loss"].double() * n
+        sums[1] += n
+        if decode:
+            best = ctc_greedy_batch(out["ctc_log_probs"], out["enc_lens"])
+            hyps.update((u, tokenizer.decode(h)) for u, h in zip(batch["utt_ids"], best))
+    refs = {u: references[u] for u in hyps}
+    if any(r.split() for r in refs.values()):
+        result = score(refs, hyps)
+        sums[2:] += torch.tensor([result.errors, result.ref_words, result.char_errors, result.ref_chars],
+                                 device=device, dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
+        dist.all_reduce(sums)
     model.train()
-    return (total / count.clamp(min=1)).item()
+    loss, n, word_err, words, char_err, chars = sums.tolist()
+    metrics = {"valid_loss": loss / max(n, 1.0)}
+    if decode:
+        metrics["valid_wer"] = 100.0 * word_err / max(words, 1.0)
+        metrics["valid_cer"] = 100.0 * char_err / max(chars, 1.0)
+    return metrics
+
+
+def has_ctc_head(model) -> bool:
+    """Whether greedy CTC can decode ``model`` (a wav2vec2 model always has one)."""
+    return getattr(model, "ctc", True) is not None
 
 
 def to_device(batch: dict, device) -> dict:
@@ -413,6 +450,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     from allinone.train.config import model_kind
     from allinone.train.strategies import build_strategy
 
+    if cfg.train.select_by not in SELECT_BY:
+        raise ValueError(f"train.select_by={cfg.train.select_by!r}; expected one of {', '.join(SELECT_BY)}")
+    select_key = SELECT_BY[cfg.train.select_by]
     exp_dir = Path(cfg.exp_dir)
     rank, world, _ = dist_info()
     device = pick_device(cfg.train.device)
@@ -474,6 +514,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     train_loader, train_sampler = make_loader(train_set, budget, True, cfg.train.seed, specaug,
                                               cfg.train.loader_workers)
     valid_loader, _ = make_loader(valid_set, budget, False, cfg.train.seed)
+    # Greedy CTC decoding of the validation set every epoch (error rates in the log and history).
+    valid_texts = {u.utt_id: u.text for u in valid_set.utts} if has_ctc_head(model) else None
+    if select_key != "valid_loss" and valid_texts is None:
+        raise ValueError(f"train.select_by={cfg.train.select_by} needs a CTC head to decode the validation "
+                         "set; this model has ctc_weight=0")
 
     state = {"epoch": 0, "step": 0, "history": [], "elapsed_s": 0.0}
     if resume and ckpt_path.exists():
@@ -557,29 +602,30 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 break
         bar.close()
         count_skipped()
-        valid_loss = validate(ddp_model, valid_loader, device, use_bf16)
-        state["history"].append({"epoch": epoch + 1, "step": state["step"], "valid_loss": valid_loss})
+        metrics = validate(ddp_model, valid_loader, device, use_bf16, tokenizer, valid_texts)
+        state["history"].append({"epoch": epoch + 1, "step": state["step"], **metrics})
         state["epoch"] = epoch + 1
         state["batch_in_epoch"] = 0
         state["elapsed_s"] = time.time() - start_time
-        logger.info("epoch %d done: valid loss %.4f (%.0f s so far, %d updates skipped for non-finite gradients)",
-                    epoch + 1, valid_loss, state["elapsed_s"], state.get("skipped_steps", 0))
+        logger.info("epoch %d done: %s (%.0f s so far, %d updates skipped for non-finite gradients)",
+                    epoch + 1, " ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()),
+                    state["elapsed_s"], state.get("skipped_steps", 0))
         if is_main:
             atomic_torch_save({"model": model.state_dict()}, exp_dir / f"epoch{epoch + 1}.pt")
-            prune_epoch_checkpoints(exp_dir, state["history"], cfg.train.keep_best)
+            prune_epoch_checkpoints(exp_dir, state["history"], cfg.train.keep_best, select_key)
         save_checkpoint(0)
         if done:
             break
 
     final_dir = exp_dir / "final"
     if is_main:
-        best = sorted(state["history"], key=lambda h: h["valid_loss"])[: cfg.train.keep_best]
+        best = best_epochs(state["history"], cfg.train.keep_best, select_key)
         paths = [exp_dir / f"epoch{h['epoch']}.pt" for h in best]
         model.load_state_dict(average_checkpoints(paths))
         if hasattr(strategy, "finalize"):  # e.g. mixed precision: allocation.json, timing.json
             strategy.finalize(model, exp_dir, train_seconds=state["elapsed_s"], world_size=world)
         save_model_dir(final_dir, model, front_end_config(cfg), tokenizer,
-                       extra={"averaged_epochs": [h["epoch"] for h in best],
+                       extra={"averaged_epochs": [h["epoch"] for h in best], "selected_by": select_key,
                               "train_seconds": state["elapsed_s"], "steps": state["step"]})
         with atomic_open(exp_dir / "history.json") as f:
             json.dump(state["history"], f, indent=1)
@@ -616,13 +662,23 @@ def front_end_config(cfg: ExperimentConfig):
     return fbank_config(cfg)
 
 
-def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int) -> None:
+def best_epochs(history: list[dict], keep: int, key: str = "valid_loss") -> list[dict]:
+    """The ``keep`` history entries with the lowest ``key`` (ties: the earlier epoch)."""
+    missing = [h["epoch"] for h in history if key not in h]
+    if missing:
+        raise ValueError(f"epochs {missing} of this run have no {key!r} to be ranked by "
+                         "(resumed from a run that did not record it?): choose another train.select_by")
+    return sorted(history, key=lambda h: (h[key], h["epoch"]))[:keep]
+
+
+def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int, key: str = "valid_loss") -> None:
     """Keep only the epoch checkpoints that can still be among the best ``keep``."""
-    best = {h["epoch"] for h in sorted(history, key=lambda h: h["valid_loss"])[:keep]}
+    best = {h["epoch"] for h in best_epochs(history, keep, key)}
     for h in history:
         if h["epoch"] not in best:
             (exp_dir / f"epoch{h['epoch']}.pt").unlink(missing_ok=True)
 
 
-__all__ = ["train", "warmup_lr", "average_checkpoints", "prepare_data", "build_model", "build_wav2vec2",
-           "load_pretrained_wav2vec2", "param_groups", "set_learning_rates", "front_end_config"]
+__all__ = ["train", "validate", "best_epochs", "SELECT_BY", "warmup_lr", "average_checkpoints", "prepare_data",
+           "build_model", "build_wav2vec2", "load_pretrained_wav2vec2", "param_groups", "set_learning_rates",
+           "front_end_config"]
