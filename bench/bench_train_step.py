@@ -4,8 +4,9 @@ Presets (--preset): ``swbd`` = the issue's Switchboard-size encoder (12 x 256, 4
 FFN 2048, kernel 31) + CTC over 2003 units, 32 utterances of 10 s (1000 fbank frames);
 ``so762`` = the speechocean762 baseline's encoder (12 x 176, FFN 704, kernel 15) + CTC over
 300 units, 28 utterances of 4.5 s; ``tiny`` = a CPU smoke test. bf16 autocast on CUDA,
-AdamW. Every row is measured in the same process on the same device; median of --repeats
-steps after --warmup. Per row: peak GPU memory of that step and model FLOPs utilisation
+AdamW. Every row is measured in the same process on the same device: after --warmup steps
+of each, --repeats rounds that time one step of every row in turn (round robin, so that a
+drift of the machine's speed spreads over all rows); the median per row. Per row: peak GPU memory of that step and model FLOPs utilisation
 (FLOPs of one step counted by torch.utils.flop_counter, over the GPU's dense bf16 peak,
 --peak-tflops, 989 for an H100/H200 SXM).
 
@@ -62,23 +63,34 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def timed(step, warmup: int, repeats: int, device: str) -> float:
-    """Median milliseconds of ``step()``; the peak memory of the timed steps is left in torch.cuda."""
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+def timed_round_robin(steps: dict, warmup: int, repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """Median milliseconds and peak GiB of each named ``step()``, timing the rows in turn.
+
+    Every row is warmed up first; then ``repeats`` rounds each time one step of every row
+    (row 1, row 2, ..., row 1, ...). A drift of the machine's speed during the run (clocks,
+    other tenants of a lent GPU) then spreads over all rows instead of landing on the last
+    ones, which made ratios between early and late rows unreliable when rows were timed one
+    after another. Peak memory: the highest of the row's timed steps (the other rows' models
+    and optimizer states are resident too, as before).
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    peaks = {name: 0.0 for name in steps}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**30)
+            times[name].append(1000 * (time.perf_counter() - t))
+    return {name: (statistics.median(times[name]), peaks[name] if device == "cuda" else float("nan"))
+            for name in steps}
 
 
 _OPT_REGION = "bench::optimizer_step"
@@ -162,15 +174,11 @@ def main() -> None:
     tokens = torch.randint(1, vocab - 1, (batch, frames // 40), device=dev)
     tok_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=dev)
 
-    rows: list[tuple[str, float, float]] = []  # (name, ms, peak GiB)
+    steps: dict = {}  # row name -> one training step, timed together at the end
     op_counts: dict[str, dict[str, int]] = {}
 
     def add(name: str, step) -> None:
-        ms = timed(step, args.warmup, args.repeats, dev)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-        rows.append((name, ms, mem))
-        if args.profile:
-            op_counts[name] = step_op_counts(step, dev)
+        steps[name] = step
 
     # ESPnet's encoder + CTC, the reference.
     try:
@@ -260,6 +268,10 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}: batch {batch} x {frames} frames; "
           f"encoder {enc.num_blocks} x {enc.output_size}, FFN {enc.linear_units}; vocab {vocab}; "
           f"{flops / 1e9:.0f} GFLOP per plain step\n")
+    timings = timed_round_robin(steps, args.warmup, args.repeats, dev)
+    if args.profile:  # after the warmup: a compiled row's first call compiles
+        op_counts.update((name, step_op_counts(step, dev)) for name, step in steps.items())
+    rows = [(name, ms, mem) for name, (ms, mem) in timings.items()]
     ms_of = {row: ms for row, ms, _ in rows}
     base = ms_of["ours eager"]
     print("| step | ms | vs ours eager | utterances/s | peak GiB | MFU (plain-step FLOPs) |")

@@ -342,12 +342,14 @@ class _FakeQuantMixture(torch.autograd.Function):
         codes = clipped.round()
         if sign_rows is not None:
             codes = torch.where(sign_rows, torch.where(weight >= 0, 1.0, -1.0).to(codes.dtype), codes)
-        quantized = codes * stacked + 0.0  # + 0.0: int8 codes have no -0.0 (see _times)
+        quantized = _times(codes, stacked)  # codes * scale, with int8's +0.0 for -0.0
         p = probs.to(quantized.dtype).view(-1, *([1] * weight.dim()))
         out = (p * quantized).sum(0).to(weight.dtype)
         inside = clipped == v
         ctx.learn_scale = learn_scale and any(ctx.needs_input_grad[7:])
-        ctx.shape_of_scales = [s.shape for s in scales]
+        ctx.num_scales = len(scales)
+        # Dimensions of [K, *w.shape] that the scales broadcast over: their gradient sums them.
+        ctx.sum_dims = tuple(d for d in range(1, v.dim()) if stacked.shape[d] == 1 and v.shape[d] != 1)
         ctx.scale_dtype = stacked.dtype
         if ctx.learn_scale:
             ctx.save_for_backward(p, quantized, inside, torch.addcmul(codes, v, inside, value=-1.0), grad_scales)
@@ -361,12 +363,13 @@ class _FakeQuantMixture(torch.autograd.Function):
         g = grad_out.to(quantized.dtype).unsqueeze(0)
         grad_probs = (quantized * g).flatten(1).sum(1)
         grad_weight = (g * (p * inside).sum(0)).squeeze(0).to(grad_out.dtype)
-        grad_scales = [None] * len(ctx.shape_of_scales)
+        grad_scales = [None] * ctx.num_scales
         if ctx.learn_scale:
             local, gscale = ctx.saved_tensors[3:]
             full = g * local * (p * gscale)
-            grad_scales = [full[k].sum_to_size(shape).to(ctx.scale_dtype)
-                           for k, shape in enumerate(ctx.shape_of_scales)]
+            if ctx.sum_dims:  # one reduction for all K scales, then views of its rows
+                full = full.sum(dim=ctx.sum_dims, keepdim=True)
+            grad_scales = [x.to(ctx.scale_dtype) for x in full.unbind(0)]
         return (grad_weight, grad_probs, None, None, None, None, None, *grad_scales)
 
 
