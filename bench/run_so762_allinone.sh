@@ -3,7 +3,8 @@
 # individually trained twins of the grid's corners, in three phases that each fit a
 # 10-minute slot of a lent GPU (run them in order; each is idempotent):
 #
-#   bench/run_so762_allinone.sh baseline   # recipe stages 2-3: tokenizer, features, float model
+#   bench/run_so762_allinone.sh baseline   # recipe stages 2-3: tokenizer, features, float model;
+#                                          # stage 6: its dev / test WER (greedy)
 #   bench/run_so762_allinone.sh supernet   # recipe stage 4 (time-limited) + bench of grid24
 #   bench/run_so762_allinone.sh twins      # each corner trained alone for the supernet's number
 #                                          # of updates, then compared with its nested twin
@@ -28,6 +29,8 @@ cli() { "$python" -m allinone.cli "$@"; }
 case $phase in
   baseline)
     ./run.sh --stage 2 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
+    # dev and test WER of the float model, greedy (the baseline's number for issue 2)
+    ./run.sh --stage 6 --stop_stage 6 --beam 1 --python "$python" --device cuda
     ;;
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the

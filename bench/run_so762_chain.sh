@@ -3,9 +3,10 @@
 #
 #   bench/run_so762_chain.sh SECONDS PHASE [PHASE ...]
 #
-# PHASE is `allinone:<baseline|supernet|twins>` (bench/run_so762_allinone.sh) or
+# PHASE is `allinone:<baseline|supernet|twins>` (bench/run_so762_allinone.sh),
 # `methods:<uniform|one_stage|two_stage|compare>` (bench/run_so762_methods.sh; STEPS,
-# UNIFORM_BITS and TARGETS pass through the environment). Every phase is idempotent and a cut
+# UNIFORM_BITS and TARGETS pass through the environment) or `wav2vec2:<float|supernet|methods>`
+# (bench/run_so762_wav2vec2.sh). Every phase is idempotent and a cut
 # training resumes from its checkpoint, so the same command can be given call after call: each
 # call continues where the last one stopped until all phases are done. The phases get SECONDS
 # in all (leave the call's limit a minute for the packing); each phase's log goes to
@@ -20,8 +21,8 @@ logs=${OUT:-$root/egs/speechocean762/asr1/exp/chain_logs}
 mkdir -p "$logs"
 for phase in "$@"; do
   case $phase in
-    allinone:?*|methods:?*) ;;
-    *) echo "$0: unknown phase $phase (allinone:<phase> or methods:<phase>)" >&2; exit 2 ;;
+    allinone:?*|methods:?*|wav2vec2:?*) ;;
+    *) echo "$0: unknown phase $phase (allinone:<phase>, methods:<phase> or wav2vec2:<phase>)" >&2; exit 2 ;;
   esac
 done
 start=$SECONDS
@@ -29,7 +30,7 @@ status=0
 for phase in "$@"; do
   left=$((budget - (SECONDS - start)))
   if [ $left -le 0 ]; then echo "$phase: no time left"; status=124; break; fi
-  script=run_so762_allinone.sh; [ "${phase%%:*}" = methods ] && script=run_so762_methods.sh
+  script=run_so762_${phase%%:*}.sh
   echo "$phase: start $(date +%T), ${left}s left"
   timeout "$left" bash "$root/bench/$script" "${phase#*:}" > "$logs/${phase/:/_}.log" 2>&1
   status=$?
@@ -38,7 +39,8 @@ for phase in "$@"; do
 done
 if [ -n "${OUT:-}" ]; then
   tar -C "$root/egs/speechocean762/asr1" -czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.packed.safetensors' --exclude=dump \
-      --exclude='methods_*/*/final' --exclude='supernet_*/final' --exclude='twins/*/final' exp 2>/dev/null
+      --exclude='methods_*/*/final' --exclude='supernet_*/final' --exclude='twins/*/final' \
+      --exclude='wav2vec2/*/final' exp 2>/dev/null
   echo "packed $(du -h "$OUT/results.tgz" | cut -f1) into \$OUT/results.tgz"
 fi
 exit $status
