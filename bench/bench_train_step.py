@@ -63,6 +63,11 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
+def timed(step, warmup: int, repeats: int, device: str) -> float:
+    """Median milliseconds of one ``step()`` timed alone (``timed_round_robin`` of one row)."""
+    return timed_round_robin({"step": step}, warmup, repeats, device)["step"][0]
+
+
 def timed_round_robin(steps: dict, warmup: int, repeats: int, device: str) -> dict[str, tuple[float, float]]:
     """Median milliseconds and peak GiB of each named ``step()``, timing the rows in turn.
 

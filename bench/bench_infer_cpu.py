@@ -1,0 +1,73 @@
+"""CPU inference latency of a 12-layer Conformer: fp32 against the int8 path (issue 9, item 3).
+
+Target of issue 9: on CPU the int8 path >= 1.5x faster than fp32 for the 12-layer Conformer.
+Measured with exactly what ``allinone bench`` times (``allinone.eval.latency.measure_latency``:
+fbank-to-text greedy CTC recognition of one utterance at a time, the ``cpu-fp32`` and
+``cpu-int8`` backends), on a model with random weights (latency does not depend on what the
+weights learned). ``cpu-int8`` routes every encoder ``nn.Linear`` (attention projections,
+both FFNs, the convolution module's pointwise layers are Conv1d and stay float) to fbgemm
+int8 kernels built from 8-bit per-channel codes (``Int8Linear``).
+
+Models (``--preset``): ``swbd`` = 12 x 256, 4 heads, FFN 2048, kernel 31, 2003 units (the
+issue's Switchboard size); ``so762`` = 12 x 160, 4 heads, FFN 640, kernel 15, 31 units (the
+speechocean762 baseline). Utterances: ``--seconds`` long (random log-mel frames, 100 per s).
+
+Run:  python bench/bench_infer_cpu.py [--preset swbd so762] [--threads 1 2] [--seconds 2 5 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from allinone.eval.latency import measure_latency
+from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.models.conformer import ConformerConfig
+from allinone.quant.quantizer import QuantizedTensor
+
+PRESETS = {
+    "swbd": (dict(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31), 2003),
+    "so762": (dict(output_size=160, attention_heads=4, linear_units=640, num_blocks=12, cnn_module_kernel=15), 31),
+}
+
+
+def model_and_codes(preset: str) -> tuple[ASRModel, dict]:
+    """The float model and 8-bit per-channel codes of every encoder Linear weight."""
+    enc_kwargs, vocab = PRESETS[preset]
+    model = ASRModel(ASRModelConfig(encoder=ConformerConfig(**enc_kwargs), vocab_size=vocab)).eval()
+    codes = {f"{name}.weight": QuantizedTensor.from_weight(mod.weight.detach(), 8, per_channel=True)
+             for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and name.startswith("encoder.encoders.")}
+    return model, codes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["swbd", "so762"])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--seconds", nargs="+", type=float, default=[2.0, 5.0, 10.0])
+    p.add_argument("--utts", type=int, default=3, help="utterances per pass")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes (median)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
+          f"torch {torch.__version__}; quantized engine {torch.backends.quantized.engine}\n")
+    print("| model | threads | utterance | fp32 ms/utt (RTF) | int8 ms/utt (RTF) | int8 speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for preset in args.preset:
+        model, codes = model_and_codes(preset)
+        for threads in args.threads:
+            for seconds in args.seconds:
+                feats = [torch.randn(int(seconds * 100), 80) for _ in range(args.utts)]
+                fp32, int8 = (measure_latency(model, codes, feats, backend, repeats=args.repeats, threads=threads)
+                              for backend in ("cpu-fp32", "cpu-int8"))
+                print(f"| {preset} | {threads} | {seconds:g} s | {fp32.ms_per_utt:.1f} ({fp32.rtf:.3f}) | "
+                      f"{int8.ms_per_utt:.1f} ({int8.rtf:.3f}) | {fp32.ms_per_utt / int8.ms_per_utt:.2f}x |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
