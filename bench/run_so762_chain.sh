@@ -4,15 +4,16 @@
 #   bench/run_so762_chain.sh SECONDS PHASE [PHASE ...]
 #
 # PHASE is `allinone:<baseline|supernet|twins>` (bench/run_so762_allinone.sh),
-# `methods:<uniform|one_stage|two_stage|compare>` (bench/run_so762_methods.sh; STEPS,
+# `methods:<uniform|one_stage|two_stage|two_stage_search|compare>` (bench/run_so762_methods.sh; STEPS,
 # UNIFORM_BITS and TARGETS pass through the environment) or `wav2vec2:<float|supernet|methods>`
 # (bench/run_so762_wav2vec2.sh). Every phase is idempotent and a cut
 # training resumes from its checkpoint, so the same command can be given call after call: each
 # call continues where the last one stopped until all phases are done. The phases get SECONDS
 # in all (leave the call's limit a minute for the packing); each phase's log goes to
 # $OUT/<phase>.log and, when OUT is set, egs/speechocean762/asr1/exp is packed into
-# $OUT/results.tgz without checkpoints (the float model's final/ is kept, so a lost machine
-# does not cost the baseline: carry it back into exp/asr_train_conformer/final).
+# $OUT/results.tgz without checkpoints (the float Conformer's final/ is kept, so a lost machine
+# does not cost the baseline: carry it back into exp/asr_train_conformer/final; the wav2vec2
+# models, 360 MB each, are not packed and are lost with the machine).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [ $# -ge 2 ] || { echo "usage: $0 SECONDS PHASE [PHASE ...]" >&2; exit 2; }

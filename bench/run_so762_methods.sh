@@ -8,7 +8,8 @@
 #   bench/run_so762_allinone.sh baseline    # the float model (recipe stages 2-3), if not there
 #   bench/run_so762_methods.sh uniform      # 4 QAT runs
 #   bench/run_so762_methods.sh one_stage    # 2 searches trained with the weights
-#   bench/run_so762_methods.sh two_stage    # 2 allocations + 2 QAT runs
+#   bench/run_so762_methods.sh two_stage    # 2 KL allocations + 2 QAT runs
+#   bench/run_so762_methods.sh two_stage_search  # 2 searches on the frozen float model + 2 QAT runs
 #   bench/run_so762_methods.sh compare      # the table (docs/mixed_precision.md)
 #
 # STEPS (default 600) is every run's number of updates; UNIFORM_BITS (default "8 4 3 2") and
@@ -19,7 +20,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=$(command -v python3)
-phase=${1:?usage: $0 uniform|one_stage|two_stage|compare}
+phase=${1:?usage: $0 uniform|one_stage|two_stage|two_stage_search|compare}
 steps=${STEPS:-600}
 cd "$root/egs/speechocean762/asr1"
 float=exp/asr_train_conformer/final
@@ -43,12 +44,19 @@ case $phase in
         cli allocate "${C[@]}" supernet.target_bits=$t --method kl --out $exp/s1_kl_b$t --num-batches 8 --device cuda
       train two_stage_kl_b$t supernet.strategy=fixed supernet.subnet=$exp/s1_kl_b$t/allocation.json
     done ;;
+  two_stage_search)  # stage 1 = the same search on the frozen float model (only the logits train)
+    for t in ${TARGETS:-4 3}; do
+      train s1_search_b$t supernet.target_bits=$t supernet.freeze_weights=true
+      train two_stage_search_b$t supernet.strategy=fixed supernet.subnet=$exp/s1_search_b$t/allocation.json
+    done ;;
   compare)
     runs=""
     add() { if [ -f $exp/$2/allocation.json ]; then runs="$runs $1=$exp/$2"; else echo "$0: $exp/$2 not finished: left out" >&2; fi; }
     for b in 8 4 3 2; do add uniform/b$b uniform_b$b; done
-    for t in 4 3; do add one_stage/b$t one_stage_b$t; add two_stage_kl/b$t two_stage_kl_b$t; done
+    for t in 4 3; do
+      add one_stage/b$t one_stage_b$t; add two_stage_kl/b$t two_stage_kl_b$t; add two_stage_search/b$t two_stage_search_b$t
+    done
     cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16
     cat $exp/compare/results.md ;;
-  *) echo "$0: unknown phase $phase (uniform, one_stage, two_stage or compare)" >&2; exit 1 ;;
+  *) echo "$0: unknown phase $phase (uniform, one_stage, two_stage, two_stage_search or compare)" >&2; exit 1 ;;
 esac

@@ -335,3 +335,27 @@ def test_logit_schedule_constant_gives_the_logits_their_peak_lr_from_the_first_s
 def test_unknown_logit_schedule_is_refused():
     with pytest.raises(ValueError, match="logit_schedule"):
         searchable(blocks=2, logit_schedule="cosine")
+
+
+def test_the_trainer_validates_the_system_each_strategy_trains():
+    """Epochs are ranked (train.select_by) by the system the run produces: the fixed
+    strategy's subnet; the search's current allocation, the fixed one in pass 2."""
+    from allinone.train.trainer import validate
+
+    model, strat = searchable(blocks=2, search_steps=2, kl_weight=0.0)
+    assert strat.validation_subnet(model) == mp.final_allocation(model)
+    b = tiny_batch()
+    for _ in range(3):
+        strat.step(model, model, b, use_bf16=False, loss_scale=1.0, sync_grads=True)
+    assert strat.validation_subnet(model) is strat.fixed
+
+    model2 = tiny_supernet()
+    model2.search_space = tiny_space().for_model(model2.config)
+    fixed = build_strategy({"space": "x", "strategy": "fixed", "subnet": "L4_F48_H4_B2"}, model2)
+    assert fixed.validation_subnet(model2) == fixed.subnet
+    with torch.no_grad():
+        model2.eval()
+        two_bit = float(model2(b["feats"], b["feat_lens"], b["tokens"], b["token_lens"], subnet=fixed.subnet)["loss"])
+        whole = float(model2(b["feats"], b["feat_lens"], b["tokens"], b["token_lens"])["loss"])
+    got = validate(model2, [b], torch.device("cpu"), False, subnet=fixed.validation_subnet(model2))["valid_loss"]
+    assert got == pytest.approx(two_bit, rel=1e-5) and got != pytest.approx(whole, rel=1e-3)

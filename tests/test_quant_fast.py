@@ -229,3 +229,26 @@ def test_mixed_quantizer_uses_the_fused_mixture_without_host_syncs():
     finally:
         torch.tensor = real
     assert calls == []
+
+
+def test_fake_quant_mixture_gradients_under_torch_compile():
+    """Compiled, the mixture gives the eager gradients (an unconditional same-dtype ``.to`` on
+    the Function's output once made every compiled gradient zero, silently)."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        w = _weights((16, 8), 5, "cpu").requires_grad_(True)
+        scales = [compute_scale(w.detach(), b, True, "max").requires_grad_(True) for b in (8, 4, 2)]
+        logits = torch.zeros(3, requires_grad=True)
+        x = _weights((5, 8), 6, "cpu")
+
+        def f(x, w, logits, *scales):
+            mixed = fake_quant_mixture(w, list(scales), (8, 4, 2), torch.softmax(logits, -1), True)
+            return torch.nn.functional.linear(x, mixed)
+
+        fn = torch.compile(f, backend="aot_eager") if compiled else f
+        (fn(x, w, logits, *scales) ** 2).sum().backward()
+        results.append([w.grad, logits.grad] + [s.grad for s in scales])
+    for eager, comp in zip(*results):
+        assert eager.abs().sum() > 0
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)

@@ -237,3 +237,17 @@ def test_training_with_loader_workers_and_specaug(digits, tmp_path):
     train(cfg)
     history = json.loads((exp / "history.json").read_text())
     assert history[1]["valid_loss"] < history[0]["valid_loss"]
+
+
+def test_resuming_a_run_without_error_rates_by_wer_is_refused_before_training(digits, tmp_path):
+    exp = tmp_path / "exp"
+    train(tiny_config(digits, exp, max_epochs=1))
+    ckpt = torch.load(exp / "checkpoint.pt", weights_only=False)
+    for h in ckpt["state"]["history"]:  # as written before the error rates were recorded
+        h.pop("valid_wer"), h.pop("valid_cer")
+    torch.save(ckpt, exp / "checkpoint.pt")
+    with pytest.raises(ValueError, match="no 'valid_wer'.*select_by"):
+        train(tiny_config(digits, exp, max_epochs=2, select_by="wer"), resume=True)
+    assert not (exp / "epoch2.pt").exists()  # refused before another epoch was trained
+    train(tiny_config(digits, exp, max_epochs=2, select_by="loss"), resume=True)  # by loss it goes on
+    assert [h["epoch"] for h in json.loads((exp / "history.json").read_text())] == [1, 2]

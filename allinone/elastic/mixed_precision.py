@@ -334,7 +334,8 @@ class MixedPrecisionSearch(nn.Module):
         """Scalar, differentiable: numel-weighted average bit-width under ``probs`` (every group ->
         [len(candidate_bits)]; default softmax(logits), i.e. the expected average)."""
         p = F.softmax(self.stacked_logits(), -1) if probs is None else torch.stack([probs[g] for g in self.groups])
-        return (p @ self.bits_tensor) @ self.numel_share
+        # Elementwise products and sums, not matmuls: autocast would run those in bf16.
+        return ((p * self.bits_tensor).sum(-1) * self.numel_share).sum()
 
     def size_penalty(self, kind: str = "square", probs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``(bits - target)^2`` (``square``), ``|bits - target|`` (``abs``) or

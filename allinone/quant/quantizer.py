@@ -343,8 +343,10 @@ class _FakeQuantMixture(torch.autograd.Function):
         if sign_rows is not None:
             codes = torch.where(sign_rows, torch.where(weight >= 0, 1.0, -1.0).to(codes.dtype), codes)
         quantized = _times(codes, stacked)  # codes * scale, with int8's +0.0 for -0.0
-        p = probs.to(quantized.dtype).view(-1, *([1] * weight.dim()))
-        out = (p * quantized).sum(0).to(weight.dtype)
+        p = (probs if probs.dtype == quantized.dtype else probs.to(quantized.dtype)).view(-1, *([1] * weight.dim()))
+        out = (p * quantized).sum(0)
+        if out.dtype != weight.dtype:  # (an unconditional .to aliases its input: under torch.compile
+            out = out.to(weight.dtype)  # that returned zero gradients)
         inside = clipped == v
         ctx.learn_scale = learn_scale and any(ctx.needs_input_grad[7:])
         ctx.num_scales = len(scales)
@@ -360,16 +362,18 @@ class _FakeQuantMixture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         p, quantized, inside = ctx.saved_tensors[:3]
-        g = grad_out.to(quantized.dtype).unsqueeze(0)
+        g = (grad_out if grad_out.dtype == quantized.dtype else grad_out.to(quantized.dtype)).unsqueeze(0)
         grad_probs = (quantized * g).flatten(1).sum(1)
-        grad_weight = (g * (p * inside).sum(0)).squeeze(0).to(grad_out.dtype)
+        grad_weight = (g * (p * inside).sum(0)).squeeze(0)
+        if grad_weight.dtype != grad_out.dtype:
+            grad_weight = grad_weight.to(grad_out.dtype)
         grad_scales = [None] * ctx.num_scales
         if ctx.learn_scale:
             local, gscale = ctx.saved_tensors[3:]
             full = g * local * (p * gscale)
             if ctx.sum_dims:  # one reduction for all K scales, then views of its rows
                 full = full.sum(dim=ctx.sum_dims, keepdim=True)
-            grad_scales = [x.to(ctx.scale_dtype) for x in full.unbind(0)]
+            grad_scales = [x if x.dtype == ctx.scale_dtype else x.to(ctx.scale_dtype) for x in full.unbind(0)]
         return (grad_weight, grad_probs, None, None, None, None, None, *grad_scales)
 
 

@@ -89,6 +89,10 @@ class PlainStrategy:
             (out["loss"] * loss_scale).backward()
         return {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
 
+    def validation_subnet(self, model) -> SubnetConfig | None:
+        """The system the trainer validates (and ranks epochs by): the whole model."""
+        return None
+
 
 def ctc_kl(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor,
            lengths: torch.Tensor) -> torch.Tensor:
@@ -244,6 +248,10 @@ class SupernetStrategy:
             return [(s, i == 0) for i, s in enumerate(self.targets)]
         return [(s, False) for s in randoms]
 
+    def validation_subnet(self, model) -> SubnetConfig | None:
+        """The largest subnet, which is the whole float model (the teacher of the others)."""
+        return None
+
     def step(self, ddp_model, model, batch: dict, use_bf16: bool, loss_scale: float,
              sync_grads: bool) -> dict[str, torch.Tensor]:
         plan = self.subnets(self.calls)
@@ -387,6 +395,13 @@ class MixedPrecisionStrategy(_DistilledSingleSystem):
             logs["exp_bits"] = search.expected_bits().detach()
         return {"loss": loss.detach(), **logs}
 
+    def validation_subnet(self, model) -> SubnetConfig:
+        """The allocation the run would end with now: the fixed one in pass 2, else the argmax
+        (budget enforced), so that epochs are ranked by the system that is extracted."""
+        from allinone.elastic.mixed_precision import final_allocation
+
+        return self.fixed if self.fixed is not None else final_allocation(model, self.opts.enforce_budget)
+
     def space_format(self, subnet: SubnetConfig) -> str:
         from allinone.elastic.mixed_precision import add_to_space
 
@@ -436,6 +451,10 @@ class FixedSubnetStrategy(_DistilledSingleSystem):
         # space is widened for it (and saved with the model, so the string extracts).
         self.subnet, self.space = parse_into_space(model.search_space, text, model.config)
         model.search_space = self.space
+
+    def validation_subnet(self, model) -> SubnetConfig:
+        """The trained subnet."""
+        return self.subnet
 
     def step(self, ddp_model, model, batch: dict, use_bf16: bool, loss_scale: float,
              sync_grads: bool) -> dict[str, torch.Tensor]:

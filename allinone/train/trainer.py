@@ -384,7 +384,7 @@ SELECT_BY = {"loss": "valid_loss", "wer": "valid_wer", "cer": "valid_cer"}
 
 @torch.no_grad()
 def validate(model, loader, device, use_bf16: bool, tokenizer=None,
-             references: dict[str, str] | None = None) -> dict[str, float]:
+             references: dict[str, str] | None = None, subnet=None) -> dict[str, float]:
     """Validation loss and, with ``tokenizer`` and ``references``, greedy-CTC error rates.
 
     Returns ``{"valid_loss": mean per-utterance loss}``, plus ``valid_wer`` and
@@ -392,7 +392,8 @@ def validate(model, loader, device, use_bf16: bool, tokenizer=None,
     distance of the greedy CTC hypotheses against ``references``, utterance id -> text, the
     transcripts as ``allinone decode`` scores them: the tokens would spell characters the
     tokenizer never saw as ``<unk>``). The model must then have a CTC head. Under DDP each
-    rank scores its shard and the counts are summed.
+    rank scores its shard and the counts are summed. ``subnet``: the system to validate
+    (None = the whole model; the trainer passes its strategy's ``validation_subnet``).
     """
     from allinone.eval.ctc_decode import ctc_greedy_batch
     from allinone.eval.wer import score
@@ -406,7 +407,7 @@ def validate(model, loader, device, use_bf16: bool, tokenizer=None,
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"],
-                        return_ctc_log_probs=decode)
+                        subnet=subnet, return_ctc_log_probs=decode)
         n = batch["feats"].shape[0]
         sums[0] += out["loss"].double() * n
         sums[1] += n
@@ -527,6 +528,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         optim.load_state_dict(ckpt["optim"])
         state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"])
+        # A run recorded before valid_wer / valid_cer existed cannot be ranked by them: refuse
+        # now rather than after another epoch of training.
+        best_epochs(state["history"], 1, select_key)
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, state["epoch"], state["step"])
 
     def save_checkpoint(batch_in_epoch: int) -> None:
@@ -602,7 +606,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
                 break
         bar.close()
         count_skipped()
-        metrics = validate(ddp_model, valid_loader, device, use_bf16, tokenizer, valid_texts)
+        metrics = validate(ddp_model, valid_loader, device, use_bf16, tokenizer, valid_texts,
+                           strategy.validation_subnet(model))
         state["history"].append({"epoch": epoch + 1, "step": state["step"], **metrics})
         state["epoch"] = epoch + 1
         state["batch_in_epoch"] = 0
