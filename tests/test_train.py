@@ -125,6 +125,8 @@ def test_best_epochs_ranks_by_the_chosen_measure():
     assert [h["epoch"] for h in best_epochs(history, 2)] == [2, 3]
     assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [3, 4]  # tie: earlier first
     assert [h["epoch"] for h in best_epochs(history, 1, "valid_wer")] == [3]
+    history[2]["valid_wer"] = math.nan  # undefined (references without words): ranked last
+    assert [h["epoch"] for h in best_epochs(history, 4, "valid_wer")] == [4, 2, 1, 3]
     with pytest.raises(ValueError, match="valid_cer.*select_by"):
         best_epochs(history, 1, "valid_cer")
 

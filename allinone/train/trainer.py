@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -424,9 +425,9 @@ def validate(model, loader, device, use_bf16: bool, tokenizer=None,
     model.train()
     loss, n, word_err, words, char_err, chars = sums.tolist()
     metrics = {"valid_loss": loss / max(n, 1.0)}
-    if decode:
-        metrics["valid_wer"] = 100.0 * word_err / max(words, 1.0)
-        metrics["valid_cer"] = 100.0 * char_err / max(chars, 1.0)
+    if decode:  # NaN when the references hold no words (the rate is undefined)
+        metrics["valid_wer"] = 100.0 * word_err / words if words else math.nan
+        metrics["valid_cer"] = 100.0 * char_err / chars if chars else math.nan
     return metrics
 
 
@@ -673,7 +674,8 @@ def best_epochs(history: list[dict], keep: int, key: str = "valid_loss") -> list
     if missing:
         raise ValueError(f"epochs {missing} of this run have no {key!r} to be ranked by "
                          "(resumed from a run that did not record it?): choose another train.select_by")
-    return sorted(history, key=lambda h: (h[key], h["epoch"]))[:keep]
+    # NaN (an undefined rate) ranks last.
+    return sorted(history, key=lambda h: (math.isnan(h[key]), h[key], h["epoch"]))[:keep]
 
 
 def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int, key: str = "valid_loss") -> None:
