@@ -16,15 +16,11 @@
 # each twin's training (e.g. train.time_limit_minutes=2); results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$root/.venv/bin/python}
-[ -x "$python" ] || python=$(command -v python3)
+source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 baseline|supernet|twins}
-cd "$root/egs/speechocean762/asr1"
 asr_exp=exp/asr_train_conformer
 sup_exp=exp/supernet_train_supernet
 corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_F640_H4_B32, is the float model
-cli() { "$python" -m allinone.cli "$@"; }
 
 case $phase in
   baseline)

@@ -17,19 +17,15 @@
 # compare tables the runs that finished (and names those that did not); the config is
 # conf/mixed/so762_conformer.yaml. Results: egs/speechocean762/asr1/exp/methods_s$STEPS/.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$root/.venv/bin/python}
-[ -x "$python" ] || python=$(command -v python3)
+source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 uniform|one_stage|two_stage|two_stage_search|compare}
 steps=${STEPS:-600}
-cd "$root/egs/speechocean762/asr1"
 float=exp/asr_train_conformer/final
 [ -f $float/config.json ] || { echo "$0: no float model at $float: run bench/run_so762_allinone.sh baseline" >&2; exit 1; }
 exp=exp/methods_s$steps
 C=("$root/conf/mixed/so762_conformer.yaml" supernet.init_from=$float supernet.space=$root/conf/mixed/space_so762.yaml
    data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16
    train.max_steps=$steps train.max_epochs=100 "supernet.anneal_steps=$((steps * 3 / 4))")
-cli() { "$python" -m allinone.cli "$@"; }
 # --resume: a run cut off at the end of a device slot continues from its checkpoint next time.
 train() { local dir=$1; shift; [ -f $exp/$dir/allocation.json ] || cli train --resume "${C[@]}" exp_dir=$exp/$dir "$@"; }
 

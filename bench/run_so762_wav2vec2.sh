@@ -16,18 +16,14 @@
 # e.g. "train.device=cpu" for a CPU dry run), DEVICE (decoding device, default cuda).
 # Results: egs/speechocean762/asr1/exp/wav2vec2/.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$root/.venv/bin/python}
-[ -x "$python" ] || python=$(command -v python3)
+source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 float|supernet|methods}
-cd "$root/egs/speechocean762/asr1"
 data=${DATA:-data}
 device=${DEVICE:-cuda}
 exp=exp/wav2vec2
 float=$exp/float/final
 sup=$exp/supernet
 steps=${STEPS:-300}
-cli() { "$python" -m allinone.cli "$@"; }
 common=(data.train=$data/train data.valid=$data/dev data.feat_cache_dir=dump/wav data.num_workers=16 ${W2V_OPTS:-})
 need_float() { [ -f $float/config.json ] || { echo "$0: no float model at $float: run the float phase" >&2; exit 1; }; }
 resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
