@@ -13,6 +13,9 @@ issue's Switchboard size); ``so762`` = 12 x 160, 4 heads, FFN 640, kernel 15, 31
 speechocean762 baseline). Utterances: ``--seconds`` long (random log-mel frames, 100 per s).
 
 Run:  python bench/bench_infer_cpu.py [--preset swbd so762] [--threads 1 2] [--seconds 2 5 10]
+      [--profile]: also where one 5 s utterance's encode + CTC time goes (1 thread, torch.profiler
+      self time by operator: Linear layers, the Conv2d subsampling front end, the convolution
+      modules' Conv1d, the rest), fp32 and int8.
 """
 
 from __future__ import annotations
@@ -44,6 +47,40 @@ def model_and_codes(preset: str) -> tuple[ASRModel, dict]:
     return model, codes
 
 
+_LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "quantized::linear_dynamic")
+_CONV_OPS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::thnn_conv2d",
+             "aten::_convolution", "aten::convolution")
+
+
+def time_split(model, codes: dict, backend: str, seconds: float = 5.0) -> dict[str, float]:
+    """Milliseconds of one utterance's encode + CTC by part (self CPU time of its operators).
+
+    Convolutions on a 4-D input with more than one row are the Conv2d subsampling front end;
+    the convolution modules' Conv1d run as 2-D convolutions over one row.
+    """
+    from allinone.eval.latency import _backend_model
+
+    m = _backend_model(model, backend, codes)
+    x, n = torch.randn(1, int(seconds * 100), 80), torch.tensor([int(seconds * 100)])
+    with torch.no_grad():
+        for _ in range(2):
+            m.ctc_log_probs(m.encode(x, n)[0])
+        with torch.profiler.profile(record_shapes=True) as prof:
+            m.ctc_log_probs(m.encode(x, n)[0])
+    parts = {"Linear layers": 0.0, "front end (Conv2d)": 0.0, "conv modules (Conv1d)": 0.0, "rest": 0.0}
+    for e in prof.key_averages(group_by_input_shape=True):
+        ms = e.self_cpu_time_total / 1000
+        if e.key in _LINEAR_OPS:
+            parts["Linear layers"] += ms
+        elif e.key in _CONV_OPS:
+            shape = e.input_shapes[0] if e.input_shapes else []
+            front = len(shape) == 4 and shape[2] > 1
+            parts["front end (Conv2d)" if front else "conv modules (Conv1d)"] += ms
+        else:
+            parts["rest"] += ms
+    return parts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["swbd", "so762"])
@@ -51,6 +88,7 @@ def main() -> None:
     p.add_argument("--seconds", nargs="+", type=float, default=[2.0, 5.0, 10.0])
     p.add_argument("--utts", type=int, default=3, help="utterances per pass")
     p.add_argument("--repeats", type=int, default=5, help="timed passes (median)")
+    p.add_argument("--profile", action="store_true", help="also split one 5 s utterance's time by part")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
@@ -67,6 +105,18 @@ def main() -> None:
                 print(f"| {preset} | {threads} | {seconds:g} s | {fp32.ms_per_utt:.1f} ({fp32.rtf:.3f}) | "
                       f"{int8.ms_per_utt:.1f} ({int8.rtf:.3f}) | {fp32.ms_per_utt / int8.ms_per_utt:.2f}x |",
                       flush=True)
+    if args.profile:
+        torch.set_num_threads(1)
+        print("\nOne 5 s utterance, encode + CTC, 1 thread, ms of operator self time (share):\n")
+        print("| model | backend | total | Linear layers | front end (Conv2d) | conv modules (Conv1d) | rest |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for preset in args.preset:
+            model, codes = model_and_codes(preset)
+            for backend in ("cpu-fp32", "cpu-int8"):
+                parts = time_split(model, codes, backend)
+                total = sum(parts.values())
+                cells = " | ".join(f"{v:.1f} ({100 * v / total:.0f}%)" for v in parts.values())
+                print(f"| {preset} | {backend} | {total:.1f} | {cells} |")
 
 
 if __name__ == "__main__":
