@@ -6,9 +6,10 @@ FFN 2048, kernel 31) + CTC over 2003 units, 32 utterances of 10 s (1000 fbank fr
 300 units, 28 utterances of 4.5 s; ``tiny`` = a CPU smoke test. bf16 autocast on CUDA,
 AdamW. Every row is measured in the same process on the same device: after --warmup steps
 of each, --repeats rounds that time one step of every row in turn (round robin, so that a
-drift of the machine's speed spreads over all rows); the median per row. Per row: peak GPU memory of that step and model FLOPs utilisation
-(FLOPs of one step counted by torch.utils.flop_counter, over the GPU's dense bf16 peak,
---peak-tflops, 989 for an H100/H200 SXM).
+drift of the machine's speed spreads over all rows); the median per row. Per row: peak GPU
+memory of that step and model FLOPs utilisation (FLOPs of one step counted by
+torch.utils.flop_counter, over the GPU's dense bf16 peak, --peak-tflops, 989 for an H100/H200
+SXM).
 
 Rows:
   espnet eager / compiled   ESPnet's ConformerEncoder + a CTC head
@@ -180,7 +181,6 @@ def main() -> None:
     tok_lens = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=dev)
 
     steps: dict = {}  # row name -> one training step, timed together at the end
-    op_counts: dict[str, dict[str, int]] = {}
 
     def add(name: str, step) -> None:
         steps[name] = step
@@ -274,8 +274,8 @@ def main() -> None:
           f"encoder {enc.num_blocks} x {enc.output_size}, FFN {enc.linear_units}; vocab {vocab}; "
           f"{flops / 1e9:.0f} GFLOP per plain step\n")
     timings = timed_round_robin(steps, args.warmup, args.repeats, dev)
-    if args.profile:  # after the warmup: a compiled row's first call compiles
-        op_counts.update((name, step_op_counts(step, dev)) for name, step in steps.items())
+    # After the warmup: a compiled row's first call compiles.
+    op_counts = {name: step_op_counts(step, dev) for name, step in steps.items()} if args.profile else {}
     rows = [(name, ms, mem) for name, (ms, mem) in timings.items()]
     ms_of = {row: ms for row, ms, _ in rows}
     base = ms_of["ours eager"]

@@ -26,13 +26,12 @@ sup=$exp/supernet
 steps=${STEPS:-300}
 common=(data.train=$data/train data.valid=$data/dev data.feat_cache_dir=dump/wav data.num_workers=16 ${W2V_OPTS:-})
 need_float() { [ -f $float/config.json ] || { echo "$0: no float model at $float: run the float phase" >&2; exit 1; }; }
-resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
 mkdir -p $exp
 
 case $phase in
   float)
     if [ ! -f $float/config.json ]; then
-      cli train $(resume $exp/float) conf/train_wav2vec2_base.yaml exp_dir=$exp/float "${common[@]}" \
+      cli train --resume conf/train_wav2vec2_base.yaml exp_dir=$exp/float "${common[@]}" \
         train.time_limit_minutes=${FLOAT_MINUTES:-4}
     fi
     for s in dev test; do
@@ -43,7 +42,7 @@ case $phase in
     need_float
     if [ ! -f $sup/final/config.json ]; then
       "$python" ../../utils/merge_config.py conf/train_wav2vec2_base.yaml conf/train_wav2vec2_supernet.yaml > $exp/supernet.yaml
-      cli train $(resume $sup) $exp/supernet.yaml exp_dir=$sup supernet.init_from=$float "${common[@]}" \
+      cli train --resume $exp/supernet.yaml exp_dir=$sup supernet.init_from=$float "${common[@]}" \
         train.time_limit_minutes=${SUPERNET_MINUTES:-3}
     fi
     [ -f $sup/bench/report.md ] || cli bench $sup/final --grid conf/grid_wav2vec2.yaml --data $data/dev $data/test \
@@ -54,7 +53,7 @@ case $phase in
     "$python" ../../utils/merge_config.py conf/train_wav2vec2_base.yaml conf/mixed_wav2vec2.yaml > $exp/mixed.yaml
     M=($exp/mixed.yaml supernet.init_from=$float "${common[@]}" train.max_steps=$steps train.max_epochs=1000
        "supernet.anneal_steps=$((steps * 3 / 4))")
-    run() { local dir=$exp/methods_s$steps/$1; shift; [ -f $dir/allocation.json ] || cli train $(resume $dir) "${M[@]}" exp_dir=$dir "$@"; }
+    run() { local dir=$exp/methods_s$steps/$1; shift; [ -f $dir/allocation.json ] || cli train --resume "${M[@]}" exp_dir=$dir "$@"; }
     run uniform_b4 supernet.strategy=fixed supernet.subnet=L12_F3072_H12_B4
     run one_stage_b4 supernet.target_bits=4
     cli compare $float uniform/b4=$exp/methods_s$steps/uniform_b4 one_stage/b4=$exp/methods_s$steps/one_stage_b4 \

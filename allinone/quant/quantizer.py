@@ -394,11 +394,10 @@ def fake_quant_mixture(weight: torch.Tensor, scales: Sequence[torch.Tensor], bit
         raise ValueError(f"{len(bits)} bit-widths need as many scales (got {len(scales)}) and probs of "
                          f"shape [{len(bits)}] (got {tuple(probs.shape)})")
     key = (tuple(bits), weight.dim(), weight.numel(), scales[0].numel(), weight.device, scales[0].dtype)
-    consts = None if torch.compiler.is_compiling() else _MIXTURE_CONSTANTS.get(key)
-    if consts is None:
+    if torch.compiler.is_compiling():  # (a graph holds its constants itself)
         consts = _mixture_constants(*key)
-        if not torch.compiler.is_compiling():
-            _MIXTURE_CONSTANTS[key] = consts
+    else:
+        consts = _MIXTURE_CONSTANTS.get(key) or _MIXTURE_CONSTANTS.setdefault(key, _mixture_constants(*key))
     return _FakeQuantMixture.apply(weight, probs, *consts, learn_scale, *scales)
 
 

@@ -130,8 +130,8 @@ class SupernetOptions:
     samples; size_weight, size_penalty (square | abs | hinge): the size term; size_of:
     ``expected`` (under softmax(logits)) or ``sample`` (of this step's Gumbel-softmax sample);
     logit_lr: peak learning rate of the logits; logit_schedule: ``shared`` (the logits follow
-    the weights' warmup / decay) or ``constant`` (``logit_lr`` from the first step); search_steps: after this many steps fix
-    the argmax allocation and fine-tune it (pass 2; 0 = search to the end);
+    the weights' warmup / decay) or ``constant`` (``logit_lr`` from the first step);
+    search_steps: after this many steps fix the argmax allocation and fine-tune it (pass 2; 0 = search to the end);
     freeze_weights: train only the logits, model in eval mode (the two-stage baseline's
     search on the frozen float model); enforce_budget: lower the final argmax until it fits target_bits;
     allocation_method: greedy | knapsack (stage 1 of the two-stage baselines).
@@ -414,7 +414,7 @@ class MixedPrecisionStrategy(_DistilledSingleSystem):
         search from ``model``.  Returns the allocation report."""
         from allinone.elastic import mixed_precision as mp
 
-        subnet = self.fixed if self.fixed is not None else mp.final_allocation(model, self.opts.enforce_budget)
+        subnet = self.validation_subnet(model)
         seconds = train_seconds if train_seconds is not None else time.time() - self.started
         method = "search_frozen" if self.opts.freeze_weights else "one_stage"
         timing = mp.write_timing(Path(exp_dir) / mp.TIMING_FILE, method, seconds, world_size)

@@ -327,9 +327,9 @@ def param_groups(model, cfg: ExperimentConfig) -> list[dict]:
         scale = decay_rate ** wav2vec2_lr_depth(model, name) if decay_rate != 1.0 else 1.0
         scheduled = not (constant_logits and name.startswith("bit_search."))
         groups.setdefault((scale, p.ndim < 2, scheduled), []).append(p)
-    return [{"params": params, "lr_scale": scale, "scheduled": scheduled,
-             "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay}
-            for (scale, no_decay, scheduled), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], not kv[0][2]))]
+    order = sorted(groups, key=lambda k: (-k[0], k[1], not k[2]))  # (scale, no_decay, scheduled)
+    return [{"params": groups[k], "lr_scale": k[0], "scheduled": k[2],
+             "weight_decay": 0.0 if k[1] else cfg.optim.weight_decay} for k in order]
 
 
 def wav2vec2_lr_depth(model, name: str) -> int:
