@@ -12,7 +12,9 @@
 # The data directories must be in egs/speechocean762/asr1/data/{train,dev,test} (recipe
 # stage 1, or the shipped lists copied there with audio/ beside them).  Environment:
 # BASELINE_OPTS adds overrides to the float model's training (e.g. train.max_epochs=30) and
-# DECODE_SETS (default "dev test") chooses the sets the baseline phase decodes;
+# DECODE_SETS (default "dev test") chooses the sets the baseline phase decodes, VARIANTS
+# (e.g. "tm10:specaug.num_time_masks=10;do2:model.encoder.dropout_rate=0.2") adds variants of
+# the float config trained alongside it into exp/variants/<name>;
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
@@ -25,10 +27,31 @@ corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_
 
 case $phase in
   baseline)
-    ./run.sh --stage 2 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
+    ./run.sh --stage 2 --stop_stage 2 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
+    # VARIANTS="name:overrides;name:overrides": variants of the float config trained at the same
+    # time as the baseline, on the same GPU (its step is launch-bound, so concurrent runs slow each
+    # other little), into exp/variants/<name>, with the baseline's tokenizer, features and statistics.
+    pids=() names=()
+    IFS=';' read -ra variants <<< "${VARIANTS:-}"
+    for v in "${variants[@]}"; do
+      name=$(echo ${v%%:*}) dir=exp/variants/$(echo ${v%%:*})
+      mkdir -p $dir && cp -rn $asr_exp/tokenizer $asr_exp/feats_stats.npz $dir/
+      [ -f $dir/final/config.json ] || cli train --resume conf/train_conformer.yaml exp_dir=$dir data.train=data/train \
+        data.valid=data/dev data.feat_cache_dir=dump/feats ${v#*:} ${BASELINE_OPTS:-} > $dir/stdout.log 2>&1 &
+      pids+=($!) names+=($name)
+    done
+    ./run.sh --stage 3 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
+    for i in "${!pids[@]}"; do wait ${pids[$i]} || echo "$0: variant ${names[$i]} failed: see exp/variants/${names[$i]}/stdout.log" >&2; done
     # dev and test WER of the float model, greedy (the baseline's number for issue 2);
     # DECODE_SETS=dev where the test audio is not there yet (a lent GPU's 64 MiB carry limit)
     ./run.sh --stage 6 --stop_stage 6 --beam 1 --python "$python" --device cuda --test_sets "${DECODE_SETS:-dev test}"
+    for name in "${names[@]}"; do
+      for s in ${DECODE_SETS:-dev test}; do
+        d=exp/variants/$name
+        [ ! -f $d/final/config.json ] || [ -f $d/decode_beam1/$s/wer.json ] || \
+          cli decode $d/final --data data/$s --out $d/decode_beam1/$s --beam 1 --device cuda --num-workers 16
+      done
+    done
     ;;
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the

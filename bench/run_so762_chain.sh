@@ -4,8 +4,8 @@
 #   bench/run_so762_chain.sh SECONDS PHASE [PHASE ...]
 #
 # PHASE is `allinone:<baseline|supernet|twins>` (bench/run_so762_allinone.sh),
-# `methods:<uniform|one_stage|two_stage|two_stage_search|compare>` (bench/run_so762_methods.sh; STEPS,
-# UNIFORM_BITS and TARGETS pass through the environment) or `wav2vec2:<float|supernet|methods>`
+# `methods:<uniform|one_stage|two_stage|two_stage_search|all|compare>` (bench/run_so762_methods.sh;
+# STEPS, UNIFORM_BITS, TARGETS, JOBS, FLOAT and METHOD_OPTS pass through the environment) or `wav2vec2:<float|supernet|methods>`
 # (bench/run_so762_wav2vec2.sh). Every phase is idempotent and a cut
 # training resumes from its checkpoint, so the same command can be given call after call: each
 # call continues where the last one stopped until all phases are done. The phases get SECONDS
@@ -41,7 +41,12 @@ done
 if [ -n "${OUT:-}" ]; then
   tar -C "$root/egs/speechocean762/asr1" -czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.packed.safetensors' --exclude=dump \
       --exclude='methods_*/*/final' --exclude='supernet_*/final' --exclude='twins/*/final' \
-      --exclude='wav2vec2/*/final' exp 2>/dev/null
-  echo "packed $(du -h "$OUT/results.tgz" | cut -f1) into \$OUT/results.tgz"
+      --exclude='wav2vec2/*/final' --exclude='variants/*/final' exp 2>/dev/null
+  # files come back from $OUT at most 16 MiB each: a larger archive comes back in parts
+  # (cat results.tgz.part* | tar -xz)
+  if [ "$(stat -c %s "$OUT/results.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+    split -b 15M "$OUT/results.tgz" "$OUT/results.tgz.part" && rm "$OUT/results.tgz"
+  fi
+  echo "packed into \$OUT: $(cd "$OUT" && du -ch results.tgz* | tail -1 | cut -f1) ($(cd "$OUT" && ls results.tgz*))"
 fi
 exit $status
