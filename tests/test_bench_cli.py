@@ -149,7 +149,9 @@ def test_int8_model_runs_integer_kernels(setup):
 
     m = copy.deepcopy(small)
     routed = int8_model(m, quantized)
-    assert len(routed) == 4 * 9  # q, k, v, out, pos + two FFNs x (w_1, w_2), per block
+    # q, k, v, out, pos + two FFNs x (w_1, w_2) + the conv module's two pointwise convs, per block
+    assert len(routed) == 4 * 11
+    assert sum(n.endswith(("pointwise_conv1", "pointwise_conv2")) for n in routed) == 4 * 2
     calls = []
     hook = [mod.register_forward_hook(lambda *a: calls.append(1)) for mod in m.modules()
             if isinstance(mod, Int8Linear)]

@@ -101,3 +101,117 @@ def test_int_mm_on_cuda():
     sx = x.abs().amax(1, keepdim=True) / 127
     sim = torch.round(x / sx) * sx @ w.t() + b.cuda()
     torch.testing.assert_close(y, sim, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------- Conv2d + ReLU (front end)
+
+def _conv(in_ch, out_ch, bias=True, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(in_ch, out_ch, 3, 2, bias=bias)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+    return conv
+
+
+@pytest.mark.parametrize("in_ch", [1, 6])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_conv2d_relu_matches_reference(in_ch, bias):
+    """Equal, to one output step, to the float convolution of the quantize-dequantized input
+    with the dequantized weight, ReLU, then rounded to the output grid; within the bound
+    (input step x sum |W| + half an output step) of the float convolution itself."""
+    from allinone.quant.int8 import Int8Conv2dReLU
+
+    conv = _conv(in_ch, 16, bias)
+    x = torch.randn(2, in_ch, 23, 17) + (0.5 if in_ch > 1 else 0.0)
+    exact = torch.relu(conv(x)).detach()
+    out_max = float(exact.max())
+    m = Int8Conv2dReLU.from_conv(conv, out_max)
+    y = m(x)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    w = m.dequantized_weight()
+    reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")
+    xq = torch.quantize_per_tensor_dynamic(x, torch.quint8, reduce_range)
+    step_out = out_max / 255
+    sim = torch.relu(nn.functional.conv2d(xq.dequantize(), w, m.bias, 2))
+    sim = torch.clamp(torch.round(sim / step_out), 0, 255) * step_out
+    assert (y - sim).abs().max() <= step_out * 1.001
+    ref = torch.relu(nn.functional.conv2d(x, w, m.bias, 2))
+    bound = xq.q_scale() * w.abs().sum((1, 2, 3))[None, :, None, None] + step_out / 2 + 1e-5
+    assert torch.all((y - ref).abs() <= bound)
+
+
+def test_int8_conv2d_relu_saturates_and_rejects_bad_input():
+    from allinone.quant.int8 import Int8Conv2dReLU
+
+    conv = _conv(1, 8)
+    x = torch.randn(1, 1, 15, 15)
+    exact = torch.relu(conv(x)).detach()
+    cap = float(exact.max()) / 2
+    y = Int8Conv2dReLU.from_conv(conv, cap)(x)
+    assert y.max() <= cap * 1.0001 and torch.all(y[exact > cap * 1.01] >= cap * 0.99)
+    with pytest.raises(ValueError, match="output_max must be positive"):
+        Int8Conv2dReLU.from_conv(conv, 0.0)
+    with pytest.raises(ValueError, match="unpadded"):
+        Int8Conv2dReLU.from_conv(nn.Conv2d(1, 4, 3, 1, padding=1), 1.0)
+    with pytest.raises(ValueError, match="int8 codes"):
+        Int8Conv2dReLU(torch.zeros(4, 1, 3, 3), torch.ones(4), None, 2, 1.0)
+
+
+def _tiny_asr():
+    from allinone.models.asr import ASRModel, ASRModelConfig
+    from allinone.models.conformer import ConformerConfig
+
+    torch.manual_seed(0)
+    enc = ConformerConfig(input_size=40, output_size=32, attention_heads=4, linear_units=64, num_blocks=2,
+                          cnn_module_kernel=5)
+    return ASRModel(ASRModelConfig(encoder=enc, vocab_size=12)).eval()
+
+
+def test_front_end_to_int8_calibrates_and_stays_close():
+    import copy
+
+    from allinone.eval.latency import front_end_to_int8
+    from allinone.quant.int8 import Int8Conv2dReLU
+
+    model = _tiny_asr()
+    calib = [torch.randn(45, 40) * 1.5, torch.randn(60, 40)]  # the larger peaks first
+    peaks = []
+    hooks = [mod.register_forward_hook(lambda m, i, o: peaks.append(float(o.max())))
+             for mod in model.encoder.embed.conv if isinstance(mod, nn.ReLU)]
+    with torch.no_grad():
+        for f in calib:
+            model.encode(f[None], torch.tensor([f.shape[0]]))
+    for h in hooks:
+        h.remove()
+    m = copy.deepcopy(model)
+    names = front_end_to_int8(m, calib)
+    assert names == ["encoder.embed.conv.0", "encoder.embed.conv.2", "encoder.embed.out.0"]
+    convs = [mod for mod in m.encoder.embed.conv if isinstance(mod, Int8Conv2dReLU)]
+    # each layer's range is its largest ReLU output over the calibration utterances
+    assert [c.output_max for c in convs] == pytest.approx([max(peaks[0::2]), max(peaks[1::2])])
+    assert isinstance(m.encoder.embed.out[0], Int8Linear)
+    x = torch.randn(1, 80, 40)
+    with torch.no_grad():
+        want = model.encode(x, torch.tensor([80]))[0]
+        got = m.encode(x, torch.tensor([80]))[0]
+    assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
+    with pytest.raises(ValueError, match="calibration utterance"):
+        front_end_to_int8(copy.deepcopy(model), [])
+    not_conformer = nn.Module()
+    not_conformer.encoder = nn.Module()
+    with pytest.raises(ValueError, match="Conv2d subsampling front end only"):
+        front_end_to_int8(not_conformer, calib)
+
+
+def test_latency_with_int8_front_end():
+    from allinone.eval.latency import measure_latency
+
+    model = _tiny_asr()
+    codes = {f"{n}.weight": QuantizedTensor.from_weight(mod.weight.detach(), 8, per_channel=True)
+             for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("encoder.encoders.")}
+    feats = [torch.randn(50, 40)]
+    res = measure_latency(model, codes, feats, "cpu-int8", repeats=1, front_end_calibration=feats)
+    assert res.ms_per_utt > 0 and res.backend == "cpu-int8"
+    assert isinstance(model.encoder.embed.conv[0], nn.Conv2d)  # the original is left as it is
+    with pytest.raises(ValueError, match="cpu-int8 backend only"):
+        measure_latency(model, codes, feats, "cpu-fp32", repeats=1, front_end_calibration=feats)

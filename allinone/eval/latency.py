@@ -5,7 +5,7 @@ A backend is a way of running an extracted (standalone) model:
 | backend | what runs |
 |---|---|
 | ``cpu-fp32`` | the extracted model on CPU, float32 weights (quantized ones dequantized on load) |
-| ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Conv1d layers stay float |
+| ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` and pointwise (kernel-1) ``nn.Conv1d`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Depthwise Conv1d layers stay float, and so does the float front end unless ``front_end_calibration`` utterances are given: then it runs on 8-bit codes too (``Int8Conv2dReLU``, an accuracy decision: its weights are not trained for it) |
 | ``cuda-fp32`` | the extracted model on the GPU, float32 |
 | ``cuda-bf16`` | the same under bf16 autocast (the float twin an int8 model must not be slower than) |
 | ``cuda-int8`` | the extracted model on the GPU with every 8-bit ``nn.Linear`` on ``torch._int_mm`` (int8 weights and per-row int8 activations); only for all-8-bit subnets |
@@ -37,7 +37,8 @@ import torch
 
 BACKENDS = ("cpu-fp32", "cpu-int8", "cuda-fp32", "cuda-bf16", "cuda-int8")
 
-__all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model"]
+__all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model",
+           "front_end_to_int8"]
 
 
 @dataclass
@@ -133,17 +134,27 @@ class _Int8RoutedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.linear and len(args) >= 2 and isinstance(args[1], cls):
+        if func in (torch.nn.functional.linear, torch.nn.functional.conv1d) and len(args) >= 2 \
+                and isinstance(args[1], cls) and not isinstance(args[0], cls):
             w = args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if bias is w._bias and not isinstance(args[0], cls):
+            if bias is w._bias and func is torch.nn.functional.linear:
                 return w._int8(args[0])
+            # a pointwise convolution [B, C, T] is a Linear over channels (default stride,
+            # padding and groups only: the routed layer's own call)
+            if bias is w._bias and len(args) <= 3 and not kwargs.keys() - {"bias"}:
+                return w._int8(args[0].transpose(1, 2)).transpose(1, 2)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
+def _is_pointwise_conv1d(layer) -> bool:
+    return (isinstance(layer, torch.nn.Conv1d) and layer.kernel_size == (1,) and layer.groups == 1
+            and layer.stride == (1,) and layer.padding == (0,) and layer.dilation == (1,))
+
+
 def int8_model(model, quantized: dict) -> list[str]:
-    """Route, in place, every 8-bit ``nn.Linear`` of an extracted model to integer kernels.
+    """Route, in place, every 8-bit Linear and pointwise Conv1d of an extracted model to integer kernels.
 
     The ``Int8Linear`` is built from the exact codes and scales (``quantized``), the
     layer's bias folded in; see ``_Int8RoutedWeight`` for why the module itself stays.
@@ -154,9 +165,10 @@ def int8_model(model, quantized: dict) -> list[str]:
     routed = []
     for name, q in quantized.items():
         layer = model.get_submodule(name.rsplit(".", 1)[0])
-        if q.bits != 8 or not isinstance(layer, torch.nn.Linear):
-            continue  # Conv1d layers (pointwise / depthwise) stay on float kernels
-        int8 = Int8Linear.from_quantized(q, layer.bias).to(layer.weight.device)
+        if q.bits != 8 or not (isinstance(layer, torch.nn.Linear) or _is_pointwise_conv1d(layer)):
+            continue  # depthwise Conv1d layers stay on float kernels
+        codes = q.codes.reshape(q.codes.shape[0], -1)  # a pointwise conv's [out, in, 1] -> [out, in]
+        int8 = Int8Linear(codes, q.scale, layer.bias).to(layer.weight.device)
         weight = layer._parameters.pop("weight")
         layer.int8 = int8  # a child module: moves and is saved with the model
         layer.weight = _Int8RoutedWeight(weight.data, int8, layer.bias)
@@ -164,10 +176,69 @@ def int8_model(model, quantized: dict) -> list[str]:
     return routed
 
 
-def _backend_model(model, backend: str, quantized: dict):
+@torch.no_grad()
+def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
+    """Put, in place, the float Conv2d subsampling front end of ``model`` on 8-bit kernels.
+
+    Post-training quantization (the supernet keeps the front end float): 8-bit per-channel
+    weight codes (max scale) for each Conv2d + ReLU (``Int8Conv2dReLU``) and the output
+    Linear (``Int8Linear``); each ReLU's output range is the largest value it gives on the
+    ``calibration`` utterances (raw features, each [T, F], encoded one at a time), larger
+    values saturate. CPU only. Returns the names of the replaced layers.
+    """
+    from allinone.quant.int8 import Int8Conv2dReLU, Int8Linear
+    from allinone.quant.quantizer import QuantizedTensor
+
+    if not calibration:
+        raise ValueError("front_end_to_int8 needs at least one calibration utterance")
+    embed = getattr(model.encoder, "embed", None)
+    if not hasattr(embed, "conv"):
+        raise ValueError(f"front_end_to_int8 supports the Conformer's Conv2d subsampling front end only, "
+                         f"not {type(model.encoder).__name__}'s")
+    layers = list(embed.conv)
+    pairs = [i for i in range(0, len(layers) - 1, 2)
+             if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.ReLU)]
+    if len(pairs) * 2 != len(layers):
+        raise ValueError("front_end_to_int8 expects the front end as (Conv2d, ReLU) pairs")
+    peaks = [0.0] * len(pairs)
+
+    def record(k):
+        def hook(module, inputs, output):
+            peaks[k] = max(peaks[k], float(output.max()))
+        return hook
+
+    hooks = [layers[i + 1].register_forward_hook(record(k)) for k, i in enumerate(pairs)]
+    try:
+        for f in calibration:
+            model.encode(f.unsqueeze(0), torch.tensor([f.shape[0]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    names = []
+    for k, i in enumerate(pairs):
+        embed.conv[i] = Int8Conv2dReLU.from_conv(layers[i], max(peaks[k], 1e-6))
+        embed.conv[i].quantized_output = k < len(pairs) - 1  # the next convolution takes it as it is
+        embed.conv[i + 1] = torch.nn.Identity()  # the ReLU is fused into the integer kernel
+        names.append(f"encoder.embed.conv.{i}")
+    in_sequential = isinstance(embed.out, torch.nn.Sequential)  # ESPnet's "out.0" (not conv2d8's "out")
+    linear = embed.out[0] if in_sequential else embed.out
+    int8_out = Int8Linear.from_quantized(QuantizedTensor.from_weight(linear.weight.detach(), 8, per_channel=True),
+                                         linear.bias)
+    if in_sequential:
+        embed.out[0] = int8_out
+    else:
+        embed.out = int8_out
+    return names + ["encoder.embed.out.0" if in_sequential else "encoder.embed.out"]
+
+
+def _backend_model(model, backend: str, quantized: dict, front_end_calibration: list[torch.Tensor] | None = None):
     """A copy of ``model`` set up for ``backend`` (the original is left as it is)."""
     m = copy.deepcopy(model).eval()
+    if front_end_calibration and backend != "cpu-int8":
+        raise ValueError(f"an int8 front end (front_end_calibration) is for the cpu-int8 backend only, not {backend}")
     if backend == "cpu-int8":
+        if front_end_calibration:
+            front_end_to_int8(m, front_end_calibration)
         if not int8_model(m, quantized):
             raise ValueError("cpu-int8 backend: the model has no 8-bit Linear layers")
     elif backend in ("cuda-fp32", "cuda-bf16"):
@@ -184,13 +255,15 @@ def _backend_model(model, backend: str, quantized: dict):
 @torch.no_grad()
 def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: str,
                     frame_shift_s: float = 0.01, repeats: int = 5, threads: int | None = None,
-                    beam: int = 1) -> LatencyResult:
+                    beam: int = 1, front_end_calibration: list[torch.Tensor] | None = None) -> LatencyResult:
     """Time ``backend`` recognising each utterance of ``feats`` alone.
 
     model: an extracted standalone ``ASRModel`` (CPU); quantized: its ``QuantizedTensor``s
     (exact 8-bit codes for ``cpu-int8``); feats: utterances, each [T, F] raw log-mel;
     frame_shift_s: seconds of audio per feature frame (hop / sample rate);
-    threads: CPU threads (None = leave torch's setting).
+    threads: CPU threads (None = leave torch's setting);
+    front_end_calibration: ``cpu-int8`` only: utterances ([T, F] raw log-mel) that calibrate
+    an 8-bit front end (``front_end_to_int8``); None keeps the front end float.
     """
     from allinone.eval.decode import DecodeOptions, recognize_batch
 
@@ -209,7 +282,7 @@ def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: 
             base = torch.cuda.memory_allocated()
         else:
             cpu_peak.start()
-        m = _backend_model(model, backend, quantized)
+        m = _backend_model(model, backend, quantized, front_end_calibration)
         inputs = [(f.unsqueeze(0).to(device), torch.tensor([f.shape[0]], device=device)) for f in feats]
         opts = DecodeOptions(beam=beam, device=str(device))
 

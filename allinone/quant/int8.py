@@ -14,6 +14,13 @@ for 8-bit ``nn.Linear`` layers:
 
 Both are dynamic activation quantization, so outputs differ from the float reference by
 the activation rounding error only (tests bound it exactly).
+
+``Int8Conv2dReLU`` does the same for a Conv2d followed by a ReLU (the subsampling front end)
+with x86/fbgemm's quantized convolution. Its output is 8-bit as well, on a range fixed
+beforehand (``output_max``, from calibration utterances): torch's *dynamic* quantized
+convolution would requantize its output to the input's range instead, which clips whatever
+lies outside it, and a float convolution over unfolded patches with the int8 Linear kernel
+is slower than the float convolution it replaces (docs/benchmarks.md, section 3b).
 """
 
 from __future__ import annotations
@@ -134,6 +141,81 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, backend={self.backend!r}")
+
+
+class Int8Conv2dReLU(nn.Module):
+    """``relu(conv2d(x, codes * scale, bias, stride))`` on integer kernels (CPU only).
+
+    codes: int8 [out, in, kh, kw] in [-127, 127]; scale: float [out] (per output channel) or
+    one value; bias: [out] or None; stride: the convolution's (no padding, no dilation, as the
+    front end's layers); output_max: the largest output kept, > 0 (larger ones saturate).
+    The input is quantized per call and per tensor to unsigned 8 bits with a zero point (7
+    bits on x86, as ``Int8Linear``), or taken as it is when it is already a quantized tensor;
+    the ReLU output is unsigned 8 bits on [0, output_max].
+    ``forward(x [B, in, H, W]) -> [B, out, H', W']``: float32, or, with ``quantized_output``
+    set, the quantized tensor itself (7 bits on x86), for a next ``Int8Conv2dReLU`` to take
+    without a float round trip (the float copy of a front end's first output is the largest
+    tensor of the whole model, and writing it costs more than the convolution).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride: int | tuple[int, int], output_max: float):
+        super().__init__()
+        if codes.dim() != 4 or codes.dtype != torch.int8:
+            raise ValueError(f"Int8Conv2dReLU needs int8 codes [out, in, kh, kw], got {codes.dtype} {tuple(codes.shape)}")
+        if int(codes.abs().max()) > 127:
+            raise ValueError("Int8Conv2dReLU codes must lie in [-127, 127]")
+        if not output_max > 0:
+            raise ValueError(f"output_max must be positive, got {output_max}")
+        out_ch = codes.shape[0]
+        scale = scale.detach().float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.expand(out_ch)
+        if scale.numel() != out_ch:
+            raise ValueError(f"scale has {scale.numel()} values for {out_ch} output channels")
+        self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        self.output_max = float(output_max)
+        self.quantized_output = False
+        self.register_buffer("codes", codes.detach().clone())
+        self.register_buffer("scale", scale.clone().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._prepacked = None  # (key, packed params), rebuilt when the buffers change
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, output_max: float) -> "Int8Conv2dReLU":
+        """Post-training 8-bit per-channel codes (max scale) of a float ``nn.Conv2d``."""
+        if conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+            raise ValueError("Int8Conv2dReLU supports unpadded, undilated, ungrouped convolutions only")
+        q = QuantizedTensor.from_weight(conv.weight.detach(), 8, per_channel=True)
+        return cls(q.codes, q.scale, conv.bias, conv.stride, output_max)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float reference weight ``codes * scale``: [out, in, kh, kw]."""
+        return self.codes.float() * self.scale[:, None, None, None]
+
+    def _packed(self):
+        key = (self.codes.data_ptr(), self.scale.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        if self._prepacked is None or self._prepacked[0] != key:
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.codes.cpu(), self.scale.cpu().double(), torch.zeros(len(self.scale), dtype=torch.long), 0)
+            packed = torch.ops.quantized.conv2d_prepack(qweight, self.bias, list(self.stride), [0, 0], [1, 1], 1)
+            self._prepacked = (key, packed)
+        return self._prepacked[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not _fbgemm_available():
+            raise ValueError("Int8Conv2dReLU runs on a CPU with a quantized engine (x86, fbgemm) only")
+        reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")
+        qx = x if x.is_quantized else torch.quantize_per_tensor_dynamic(x.float().contiguous(), torch.quint8,
+                                                                          reduce_range)
+        # an output that is the next layer's input keeps to 7 bits where inputs must (reduce_range)
+        levels = 127 if self.quantized_output and reduce_range else 255
+        qy = torch.ops.quantized.conv2d_relu(qx, self._packed(), self.output_max / levels, 0)
+        return qy if self.quantized_output else qy.dequantize()
+
+    def extra_repr(self) -> str:
+        out_ch, in_ch, kh, kw = self.codes.shape
+        return f"{in_ch}, {out_ch}, kernel_size=({kh}, {kw}), stride={self.stride}, output_max={self.output_max:.4g}"
 
 
 def convert_linears_to_int8(model: nn.Module, bits_per_tensor: Mapping[str, int],
