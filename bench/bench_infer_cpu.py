@@ -104,6 +104,8 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, num_workers:
     loaded = load_model_dir(model_dir)
     model, tok = loaded.model.eval(), loaded.tokenizer
     codes = encoder_codes(model)
+    if not codes:
+        raise SystemExit(f"{model_dir}: --wer checks Conformer models (encoder.encoders.* Linear layers); none here")
     with torch.no_grad():  # the 8-bit system's float twin: weights = dequantized codes
         for name, q in codes.items():
             model.get_parameter(name).copy_(q.dequantize().reshape(model.get_parameter(name).shape))
@@ -113,7 +115,8 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, num_workers:
     calib = list(extract_features(calib_utts, loaded.fbank, num_workers).values())
     refs = {u.utt_id: u.text for u in utts if u.utt_id in feats}
     print(f"{model_dir} on {data_dir} ({len(refs)} utterances), 8-bit encoder weights "
-          f"({len(codes)} tensors), greedy CTC, one utterance at a time\n")
+          f"({len(codes)} tensors), greedy CTC, one utterance at a time; front end calibrated on the first "
+          f"{len(calib)} utterances of {calib_dir or data_dir + ' (the scored set itself: give --calib-dir)'}\n")
     print("| path | WER % | CER % | hypotheses changed vs fp32 | MAPSSWE p vs fp32 |")
     print("|---|---:|---:|---:|---:|")
     first = None

@@ -27,18 +27,22 @@ corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_
 
 case $phase in
   baseline)
-    ./run.sh --stage 2 --stop_stage 2 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     # VARIANTS="name:overrides;name:overrides": variants of the float config trained at the same
     # time as the baseline, on the same GPU (its step is launch-bound, so concurrent runs slow each
     # other little), into exp/variants/<name>, with the baseline's tokenizer, features and statistics.
     pids=() names=()
     IFS=';' read -ra variants <<< "${VARIANTS:-}"
+    for v in "${variants[@]}"; do  # every entry checked before any work
+      [[ $v == *:* && -n $(echo ${v%%:*}) ]] || { echo "$0: VARIANTS entry '$v' is not name:overrides" >&2; exit 2; }
+    done
+    ./run.sh --stage 2 --stop_stage 2 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     for v in "${variants[@]}"; do
       name=$(echo ${v%%:*}) dir=exp/variants/$(echo ${v%%:*})
       mkdir -p $dir && cp -rn $asr_exp/tokenizer $asr_exp/feats_stats.npz $dir/
+      # the variant's own overrides last: they win over BASELINE_OPTS
       [ -f $dir/final/config.json ] || cli train --resume conf/train_conformer.yaml exp_dir=$dir data.train=data/train \
-        data.valid=data/dev data.feat_cache_dir=dump/feats ${v#*:} ${BASELINE_OPTS:-} > $dir/stdout.log 2>&1 &
-      pids+=($!) names+=($name)
+        data.valid=data/dev data.feat_cache_dir=dump/feats ${BASELINE_OPTS:-} ${v#*:} > $dir/stdout.log 2>&1 &
+      pids+=($!) names+=("$name")
     done
     ./run.sh --stage 3 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     for i in "${!pids[@]}"; do wait ${pids[$i]} || echo "$0: variant ${names[$i]} failed: see exp/variants/${names[$i]}/stdout.log" >&2; done

@@ -33,10 +33,14 @@ C=("$root/conf/mixed/so762_conformer.yaml" supernet.init_from=$float supernet.sp
    train.max_steps=$steps train.max_epochs=100 "supernet.anneal_steps=$((steps * 3 / 4))" ${METHOD_OPTS:-})
 # --resume: a run cut off at the end of a device slot continues from its checkpoint next time.
 train() { local dir=$1; shift; [ -f $exp/$dir/allocation.json ] || cli train --resume "${C[@]}" exp_dir=$exp/$dir "$@"; }
-# job CMD...: one independent run (or chain of runs) of the phase, in the background while fewer
-# than JOBS run; a failure is recorded in $failed and reported at the end (`set -e` does not act
-# inside a `||` list, hence the explicit `|| return` in the chains below).
-jobs_max=${JOBS:-1} failed=$(mktemp)
+# job CMD...: one independent run (or chain of runs) of the phase; with JOBS=1 in the
+# foreground (the first failure stops the phase), otherwise in the background while fewer than
+# JOBS run, a failure recorded in $failed and reported at the end (`set -e` does not act inside
+# a `||` list, hence the explicit `|| return` in the chains below).
+jobs_max=${JOBS:-1}
+[[ $jobs_max =~ ^[1-9][0-9]*$ ]] || { echo "$0: JOBS must be a positive integer, got '$jobs_max'" >&2; exit 2; }
+failed=$(mktemp)
+trap 'rm -f "$failed"' EXIT
 job() {
   if [ "$jobs_max" -le 1 ]; then "$@"; return; fi
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done

@@ -160,6 +160,12 @@ def test_int8_model_runs_integer_kernels(setup):
         want = small.encode(b["feats"], b["feat_lens"])[0]
         got = m.encode(b["feats"], b["feat_lens"])[0]
     assert len(calls) == len(routed)
+    # a pointwise layer called any other way (here unbatched) stays on its float kernel
+    pw = m.encoder.encoders[0].conv_module.pointwise_conv1
+    x = torch.randn(pw.in_channels, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.functional.conv1d(x, pw.weight, pw.bias),
+                                   torch.nn.functional.conv1d(x, pw.weight.as_subclass(torch.Tensor), pw.bias))
     # only the activations are rounded (7-bit dynamic): close, not equal
     assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
     for h in hook:

@@ -149,6 +149,17 @@ def test_int8_conv2d_relu_saturates_and_rejects_bad_input():
     cap = float(exact.max()) / 2
     y = Int8Conv2dReLU.from_conv(conv, cap)(x)
     assert y.max() <= cap * 1.0001 and torch.all(y[exact > cap * 1.01] >= cap * 0.99)
+    # the same layer handing its output on as a quantized tensor saturates there too, and on
+    # engines whose inputs must be 7-bit (x86, fbgemm) its codes stay below 128
+    m = Int8Conv2dReLU.from_conv(conv, cap)
+    m.quantized_output = True
+    q = m(x)
+    assert q.is_quantized and q.dtype == torch.quint8
+    assert q.dequantize().max() <= cap * 1.0001
+    if torch.backends.quantized.engine in ("x86", "fbgemm"):
+        assert int(q.int_repr().max()) <= 127
+    with pytest.raises(ValueError, match="float or quint8 input"):
+        m(torch.quantize_per_tensor(x, 0.1, 0, torch.qint8))
     with pytest.raises(ValueError, match="output_max must be positive"):
         Int8Conv2dReLU.from_conv(conv, 0.0)
     with pytest.raises(ValueError, match="unpadded"):

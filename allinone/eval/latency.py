@@ -140,9 +140,10 @@ class _Int8RoutedWeight(torch.Tensor):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if bias is w._bias and func is torch.nn.functional.linear:
                 return w._int8(args[0])
-            # a pointwise convolution [B, C, T] is a Linear over channels (default stride,
-            # padding and groups only: the routed layer's own call)
-            if bias is w._bias and len(args) <= 3 and not kwargs.keys() - {"bias"}:
+            # a pointwise convolution of a batch [B, C, T] is a Linear over channels: routed
+            # when called as the Conformer calls it, F.conv1d(x, weight, bias) (anything
+            # else, e.g. an explicit stride or padding, stays on the float kernel)
+            if bias is w._bias and args[0].dim() == 3 and len(args) <= 3 and not kwargs.keys() - {"bias"}:
                 return w._int8(args[0].transpose(1, 2)).transpose(1, 2)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)

@@ -194,7 +194,8 @@ class Int8Conv2dReLU(nn.Module):
         return self.codes.float() * self.scale[:, None, None, None]
 
     def _packed(self):
-        key = (self.codes.data_ptr(), self.scale.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        key = (self.codes.data_ptr(), self.scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+               torch.backends.quantized.engine)
         if self._prepacked is None or self._prepacked[0] != key:
             qweight = torch._make_per_channel_quantized_tensor(
                 self.codes.cpu(), self.scale.cpu().double(), torch.zeros(len(self.scale), dtype=torch.long), 0)
@@ -206,12 +207,17 @@ class Int8Conv2dReLU(nn.Module):
         if x.device.type != "cpu" or not _fbgemm_available():
             raise ValueError("Int8Conv2dReLU runs on a CPU with a quantized engine (x86, fbgemm) only")
         reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")
+        if x.is_quantized and x.dtype != torch.quint8:
+            raise ValueError(f"Int8Conv2dReLU takes a float or quint8 input, got {x.dtype}")
         qx = x if x.is_quantized else torch.quantize_per_tensor_dynamic(x.float().contiguous(), torch.quint8,
                                                                           reduce_range)
-        # an output that is the next layer's input keeps to 7 bits where inputs must (reduce_range)
-        levels = 127 if self.quantized_output and reduce_range else 255
+        if not self.quantized_output:
+            return torch.ops.quantized.conv2d_relu(qx, self._packed(), self.output_max / 255, 0).dequantize()
+        # The next layer's input: 7-bit codes where its engine wants them (reduce_range). The
+        # kernel writes codes up to 255 whatever the scale, so the clamp keeps to [0, output_max].
+        levels = 127 if reduce_range else 255
         qy = torch.ops.quantized.conv2d_relu(qx, self._packed(), self.output_max / levels, 0)
-        return qy if self.quantized_output else qy.dequantize()
+        return torch.clamp(qy, max=self.output_max)
 
     def extra_repr(self) -> str:
         out_ch, in_ch, kh, kw = self.codes.shape
