@@ -132,6 +132,8 @@ def _bench_command(args) -> str:
         words += ["--threads", str(args.threads)]
     if args.no_latency:
         words.append("--no-latency")
+    if args.int8_front_end_calib:
+        words += ["--int8-front-end-calib", args.int8_front_end_calib]
     return shlex.join(words)
 
 
@@ -140,7 +142,8 @@ def cmd_bench(args) -> None:
 
     opts = BenchOptions(beam=args.beam, device=args.device, threads=args.threads, latency=not args.no_latency,
                         latency_repeats=args.latency_repeats, latency_utts=args.latency_utts,
-                        alpha=args.alpha, reference=args.reference, num_workers=args.num_workers)
+                        alpha=args.alpha, reference=args.reference, num_workers=args.num_workers,
+                        front_end_calib=args.int8_front_end_calib)
     res = run_bench(args.model, args.grid, args.data, args.out, opts, command=_bench_command(args))
     print(f"{len(res['systems'])} systems x {len(res['test_sets'])} test sets -> {args.out}/results.md, "
           f"report.md, pareto.png ({res['resumed_systems']} resumed)")
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--latency-repeats", type=int, default=5, help="timed passes (median reported)")
     bn.add_argument("--latency-utts", type=int, default=8, help="utterances timed (first N of the first test set)")
     bn.add_argument("--no-latency", action="store_true", help="skip latency and memory measurements")
+    bn.add_argument("--int8-front-end-calib", default=None, metavar="DATA_DIR",
+                    help="also time all-8-bit systems with an 8-bit front end (cpu-int8-fe), calibrated on the "
+                         "first 20 utterances of this data dir (e.g. the training set)")
     bn.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
     bn.set_defaults(func=cmd_bench)
 

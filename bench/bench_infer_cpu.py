@@ -89,7 +89,7 @@ def time_split(model, codes: dict, backend: str, seconds: float = 5.0, calibrati
     return parts
 
 
-INT8_SETUPS = (("fp32", "cpu-fp32", False), ("int8", "cpu-int8", False), ("int8 + int8 front end", "cpu-int8", True))
+INT8_SETUPS = (("fp32", "cpu-fp32", False), ("int8", "cpu-int8", False), ("int8 + int8 front end", "cpu-int8-fe", True))
 
 
 def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, num_workers: int = 2) -> None:

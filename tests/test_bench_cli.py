@@ -38,7 +38,8 @@ def setup(data_root, tmp_path_factory):
     grid.write_text(yaml.safe_dump(GRID))
     out = root / "out"
     argv = ["bench", str(model), "--grid", str(grid), "--data", str(d1), str(d2), "--out", str(out),
-            "--threads", "1", "--latency-repeats", "1", "--latency-utts", "2", "--num-workers", "1"]
+            "--threads", "1", "--latency-repeats", "1", "--latency-utts", "2", "--num-workers", "1",
+            "--int8-front-end-calib", str(d2)]
     assert main(argv) == 0
     return {"model": model, "data": [d1, d2], "grid": grid, "out": out, "root": root}
 
@@ -129,13 +130,14 @@ def test_csv_equals_json(setup):
 
 def test_latency_columns(setup):
     res = _results(setup["out"])
-    assert "cpu-fp32" in res["backends"] and "cpu-int8" in res["backends"]
+    assert {"cpu-fp32", "cpu-int8", "cpu-int8-fe"} <= set(res["backends"])
+    assert "cpu-int8-fe ms/utt (RTF)" in (setup["out"] / "results.md").read_text()
     for s in res["systems"]:
         lat = s["latency"]
         assert lat["cpu-fp32"]["ms_per_utt"] > 0 and lat["cpu-fp32"]["rtf"] > 0
         assert lat["cpu-fp32"]["threads"] == 1 and lat["cpu-fp32"]["utterances"] == 2
         # the int8 path only where every quantized weight is 8-bit
-        assert ("cpu-int8" in lat) == s["system"].endswith("_B8")
+        assert ("cpu-int8" in lat) == ("cpu-int8-fe" in lat) == s["system"].endswith("_B8")
         assert set(LATENCY_FIELDS) <= set(lat["cpu-fp32"])
 
 
@@ -193,6 +195,10 @@ def test_bad_grid_rejected_before_any_work(setup, tmp_path, monkeypatch, capsys)
     rc = main(["bench", str(setup["model"]), "--grid", "all", "--data", str(setup["data"][0]),
                "--out", str(out), "--reference", "L4_F48_H3_B32"])
     assert rc == 2 and "H value 3" in capsys.readouterr().err and not out.exists()
+    rc = main(["bench", str(setup["model"]), "--grid", "L4_F48_H4_B8", "--data", str(setup["data"][0]),
+               "--out", str(out), "--int8-front-end-calib", str(tmp_path / "no_such_dir")])
+    assert rc == 2 and "front-end calibration data directory not found" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
@@ -202,14 +208,19 @@ def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
     done = []
     real = bench._bench_system
     monkeypatch.setattr(bench, "_bench_system", lambda name, *a, **k: done.append(name) or real(name, *a, **k))
-    opts = BenchOptions(threads=1, latency_repeats=1, latency_utts=2, num_workers=1)
+    opts = BenchOptions(threads=1, latency_repeats=1, latency_utts=2, num_workers=1,
+                        front_end_calib=str(setup["data"][1]))
     res = run_bench(setup["model"], setup["grid"], setup["data"], out, opts, progress=False)
     assert done == ["L2_F24_H2_B2"] and res["resumed_systems"] == 3
     before = _results(setup["out"])
     for a, b in zip(res["rows"], before["rows"]):
         assert {k: a[k] for k in ("system", "data", "wer", "p_value", "packed_bytes")} == \
                {k: b[k] for k in ("system", "data", "wer", "p_value", "packed_bytes")}
-    # other settings (here: the beam) invalidate saved systems
+    # other settings (the front end's calibration, the beam) invalidate saved systems
+    done.clear()
+    opts.front_end_calib = None
+    run_bench(setup["model"], ["L2_F24_H2_B2"], setup["data"], out, opts, progress=False)
+    assert done == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
     done.clear()
     opts.beam, opts.latency = 2, False
     run_bench(setup["model"], ["L2_F24_H2_B2"], setup["data"][:1], out, opts, progress=False)

@@ -221,8 +221,9 @@ def test_latency_with_int8_front_end():
     codes = {f"{n}.weight": QuantizedTensor.from_weight(mod.weight.detach(), 8, per_channel=True)
              for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("encoder.encoders.")}
     feats = [torch.randn(50, 40)]
-    res = measure_latency(model, codes, feats, "cpu-int8", repeats=1, front_end_calibration=feats)
-    assert res.ms_per_utt > 0 and res.backend == "cpu-int8"
+    res = measure_latency(model, codes, feats, "cpu-int8-fe", repeats=1, front_end_calibration=feats)
+    assert res.ms_per_utt > 0 and res.backend == "cpu-int8-fe"
     assert isinstance(model.encoder.embed.conv[0], nn.Conv2d)  # the original is left as it is
-    with pytest.raises(ValueError, match="cpu-int8 backend only"):
-        measure_latency(model, codes, feats, "cpu-fp32", repeats=1, front_end_calibration=feats)
+    for backend, calib in (("cpu-int8", feats), ("cpu-fp32", feats), ("cpu-int8-fe", None)):
+        with pytest.raises(ValueError, match="cpu-int8-fe backend needs front_end_calibration"):
+            measure_latency(model, codes, feats, backend, repeats=1, front_end_calibration=calib)

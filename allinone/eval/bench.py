@@ -67,6 +67,10 @@ class BenchOptions:
     num_workers: int = 2          # feature extraction workers
     max_frames: int = 30000       # padded frames per decoding batch
     max_samples: int = 1_600_000  # padded samples per decoding batch (waveform models: wav2vec2 / HuBERT)
+    # A data dir whose first ``front_end_calib_utts`` utterances (by id) calibrate an 8-bit front
+    # end: all-8-bit systems are then also timed on ``cpu-int8-fe`` (Conformer models only).
+    front_end_calib: str | None = None
+    front_end_calib_utts: int = 20
 
 
 # --------------------------------------------------------------------------- grid
@@ -179,7 +183,9 @@ def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
         "model": str(Path(model_dir).resolve()),
         "data": [str(t.path.resolve()) for t in test_sets],
         "beam": opts.beam,
-        "latency": ({"repeats": opts.latency_repeats, "utts": opts.latency_utts, "threads": opts.threads}
+        "latency": ({"repeats": opts.latency_repeats, "utts": opts.latency_utts, "threads": opts.threads,
+                     "front_end_calib": opts.front_end_calib and str(Path(opts.front_end_calib).resolve()),
+                     "front_end_calib_utts": opts.front_end_calib_utts}
                     if opts.latency else None),
     }
 
@@ -200,7 +206,7 @@ def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOpti
 
 def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,
                   test_sets: list[TestSet], latency_feats: list, sys_dir: Path,
-                  opts: BenchOptions, settings: dict) -> dict:
+                  opts: BenchOptions, settings: dict, calib_feats: list | None = None) -> dict:
     """Decode, score, size and time one system; write its files and ``system.json``."""
     from allinone.elastic.extract import extract, extracted_size
     from allinone.eval.latency import backends_for, measure_latency
@@ -218,9 +224,10 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
         from allinone.eval.search import input_shift_s
 
         shift = input_shift_s(fbank)
-        for backend in backends_for(bits):
-            latency[backend] = measure_latency(small, quantized, latency_feats, backend, shift,
-                                               opts.latency_repeats, opts.threads, opts.beam).to_dict()
+        for backend in backends_for(bits, front_end=bool(calib_feats)):
+            latency[backend] = measure_latency(
+                small, quantized, latency_feats, backend, shift, opts.latency_repeats, opts.threads, opts.beam,
+                front_end_calibration=calib_feats if backend == "cpu-int8-fe" else None).to_dict()
     record = {
         "system": name,
         "size": {
@@ -289,6 +296,12 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     missing = [str(d) for d in data_dirs if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"data directories not found: {', '.join(missing)}")
+    if opts.front_end_calib and opts.latency:
+        if not Path(opts.front_end_calib).is_dir():
+            raise ValueError(f"front-end calibration data directory not found: {opts.front_end_calib}")
+        if not hasattr(getattr(model.encoder, "embed", None), "conv") or opts.front_end_calib_utts < 1:
+            raise ValueError("an 8-bit front end (cpu-int8-fe) needs a Conformer model with a Conv2d front end "
+                             "and at least one calibration utterance")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no GPU")
 
@@ -300,6 +313,13 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
                  for p, n in zip(paths, _unique_names(paths))]
     first = test_sets[0]
     latency_feats = [first.feats[u] for u in sorted(first.refs)[: opts.latency_utts]]
+    calib_feats = None
+    if opts.front_end_calib and opts.latency:
+        from allinone.data.dataset import extract_features
+        from allinone.data.kaldi import read_data_dir
+
+        calib_utts = sorted(read_data_dir(opts.front_end_calib), key=lambda u: u.utt_id)[: opts.front_end_calib_utts]
+        calib_feats = list(extract_features(calib_utts, loaded.fbank, opts.num_workers, progress=False).values())
     dec_model = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
     settings = _settings(model_dir, test_sets, opts)
 
@@ -311,7 +331,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         record = _load_done(sys_dir, settings, test_sets)
         if record is None:
             record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
-                                   test_sets, latency_feats, sys_dir, opts, settings)
+                                   test_sets, latency_feats, sys_dir, opts, settings, calib_feats)
         else:
             skipped += 1
         records[name] = record

@@ -5,7 +5,8 @@ A backend is a way of running an extracted (standalone) model:
 | backend | what runs |
 |---|---|
 | ``cpu-fp32`` | the extracted model on CPU, float32 weights (quantized ones dequantized on load) |
-| ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` and pointwise (kernel-1) ``nn.Conv1d`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Depthwise Conv1d layers stay float, and so does the float front end unless ``front_end_calibration`` utterances are given: then it runs on 8-bit codes too (``Int8Conv2dReLU``, an accuracy decision: its weights are not trained for it) |
+| ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` and pointwise (kernel-1) ``nn.Conv1d`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Depthwise Conv1d layers and the float front end stay float |
+| ``cpu-int8-fe`` | ``cpu-int8`` with the Conformer's float Conv2d front end on 8-bit kernels too (``front_end_to_int8``, calibrated on ``front_end_calibration`` utterances: an accuracy decision, its weights are not trained for it) |
 | ``cuda-fp32`` | the extracted model on the GPU, float32 |
 | ``cuda-bf16`` | the same under bf16 autocast (the float twin an int8 model must not be slower than) |
 | ``cuda-int8`` | the extracted model on the GPU with every 8-bit ``nn.Linear`` on ``torch._int_mm`` (int8 weights and per-row int8 activations); only for all-8-bit subnets |
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("cpu-fp32", "cpu-int8", "cuda-fp32", "cuda-bf16", "cuda-int8")
+BACKENDS = ("cpu-fp32", "cpu-int8", "cpu-int8-fe", "cuda-fp32", "cuda-bf16", "cuda-int8")
 
 __all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model",
            "front_end_to_int8"]
@@ -61,14 +62,15 @@ def int8_applicable(bits: dict[str, int]) -> bool:
     return bool(bits) and all(b == 8 for b in bits.values())
 
 
-def backends_for(bits: dict[str, int], device: str = "cpu") -> list[str]:
+def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = False) -> list[str]:
     """Backends to time for an extracted model whose quantized tensors have ``bits``.
 
-    CUDA is timed whenever a GPU is present, whatever ``device`` decoding used.
+    CUDA is timed whenever a GPU is present, whatever ``device`` decoding used;
+    ``cpu-int8-fe`` where ``front_end`` (calibration utterances are at hand).
     """
     out = ["cpu-fp32"]
     if int8_applicable(bits):
-        out.append("cpu-int8")
+        out += ["cpu-int8", "cpu-int8-fe"] if front_end else ["cpu-int8"]
     if torch.cuda.is_available():
         out += ["cuda-fp32", "cuda-bf16"]
         if int8_applicable(bits):
@@ -234,14 +236,14 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
 
 def _backend_model(model, backend: str, quantized: dict, front_end_calibration: list[torch.Tensor] | None = None):
     """A copy of ``model`` set up for ``backend`` (the original is left as it is)."""
+    if (backend == "cpu-int8-fe") != bool(front_end_calibration):
+        raise ValueError("the cpu-int8-fe backend needs front_end_calibration utterances, and no other takes them")
     m = copy.deepcopy(model).eval()
-    if front_end_calibration and backend != "cpu-int8":
-        raise ValueError(f"an int8 front end (front_end_calibration) is for the cpu-int8 backend only, not {backend}")
-    if backend == "cpu-int8":
-        if front_end_calibration:
+    if backend in ("cpu-int8", "cpu-int8-fe"):
+        if backend == "cpu-int8-fe":
             front_end_to_int8(m, front_end_calibration)
         if not int8_model(m, quantized):
-            raise ValueError("cpu-int8 backend: the model has no 8-bit Linear layers")
+            raise ValueError(f"{backend} backend: the model has no 8-bit Linear layers")
     elif backend in ("cuda-fp32", "cuda-bf16"):
         m = m.to("cuda")
     elif backend == "cuda-int8":
@@ -263,8 +265,8 @@ def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: 
     (exact 8-bit codes for ``cpu-int8``); feats: utterances, each [T, F] raw log-mel;
     frame_shift_s: seconds of audio per feature frame (hop / sample rate);
     threads: CPU threads (None = leave torch's setting);
-    front_end_calibration: ``cpu-int8`` only: utterances ([T, F] raw log-mel) that calibrate
-    an 8-bit front end (``front_end_to_int8``); None keeps the front end float.
+    front_end_calibration: for ``cpu-int8-fe`` (only): utterances ([T, F] raw log-mel) that
+    calibrate its 8-bit front end (``front_end_to_int8``).
     """
     from allinone.eval.decode import DecodeOptions, recognize_batch
 
