@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-latency", action="store_true", help="skip latency and memory measurements")
     bn.add_argument("--int8-front-end-calib", default=None, metavar="DATA_DIR",
                     help="also time all-8-bit systems with an 8-bit front end (cpu-int8-fe), calibrated on the "
-                         "first 20 utterances of this data dir (e.g. the training set)")
+                         "first 200 utterances of this data dir (e.g. the training set)")
     bn.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
     bn.set_defaults(func=cmd_bench)
 

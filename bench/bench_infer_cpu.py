@@ -21,7 +21,8 @@ Run:  python bench/bench_infer_cpu.py [--preset swbd so762] [--threads 1 2] [--s
       WER of a trained float model: its encoder Linear and pointwise weights quantized to 8 bits
       per channel (post-training), greedy CTC decoding of every utterance of DATA_DIR alone,
       with the dequantized weights on float kernels, on the int8 path, and on the int8 path with
-      the 8-bit front end calibrated on the first 20 utterances of --calib-dir (default DATA_DIR).
+      the 8-bit front end calibrated on the first --calib-utts (200) utterances of --calib-dir
+      (default DATA_DIR).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def time_split(model, codes: dict, backend: str, seconds: float = 5.0, calibrati
 INT8_SETUPS = (("fp32", "cpu-fp32", False), ("int8", "cpu-int8", False), ("int8 + int8 front end", "cpu-int8-fe", True))
 
 
-def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, num_workers: int = 2) -> None:
+def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, calib_utts: int = 200, num_workers: int = 2) -> None:
     """Greedy WER / CER of a trained model's 8-bit system on each path of INT8_SETUPS."""
     from allinone.data.dataset import extract_features
     from allinone.data.kaldi import read_data_dir
@@ -111,8 +112,8 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, num_workers:
             model.get_parameter(name).copy_(q.dequantize().reshape(model.get_parameter(name).shape))
     utts = read_data_dir(data_dir)
     feats = extract_features(utts, loaded.fbank, num_workers)
-    calib_utts = read_data_dir(calib_dir)[:20] if calib_dir else utts[:20]
-    calib = list(extract_features(calib_utts, loaded.fbank, num_workers).values())
+    calib = list(extract_features((read_data_dir(calib_dir) if calib_dir else utts)[:calib_utts], loaded.fbank,
+                                  num_workers).values())
     refs = {u.utt_id: u.text for u in utts if u.utt_id in feats}
     print(f"{model_dir} on {data_dir} ({len(refs)} utterances), 8-bit encoder weights "
           f"({len(codes)} tensors), greedy CTC, one utterance at a time; front end calibrated on the first "
@@ -141,11 +142,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed passes (median)")
     p.add_argument("--profile", action="store_true", help="also split one 5 s utterance's time by part")
     p.add_argument("--wer", nargs=2, metavar=("MODEL_DIR", "DATA_DIR"), help="the WER check instead of latency")
-    p.add_argument("--calib-dir", default=None, help="--wer: data dir whose first 20 utterances calibrate the front end")
+    p.add_argument("--calib-dir", default=None, help="--wer: data dir whose first utterances calibrate the front end")
+    p.add_argument("--calib-utts", type=int, default=200, help="--wer: how many (default 200)")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.wer:
-        wer_check(*args.wer, args.calib_dir)
+        wer_check(*args.wer, args.calib_dir, args.calib_utts)
         return
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
           f"torch {torch.__version__}; quantized engine {torch.backends.quantized.engine}\n")

@@ -70,7 +70,7 @@ class BenchOptions:
     # A data dir whose first ``front_end_calib_utts`` utterances (by id) calibrate an 8-bit front
     # end: all-8-bit systems are then also timed on ``cpu-int8-fe`` (Conformer models only).
     front_end_calib: str | None = None
-    front_end_calib_utts: int = 20
+    front_end_calib_utts: int = 200
 
 
 # --------------------------------------------------------------------------- grid

@@ -186,8 +186,8 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
     Post-training quantization (the supernet keeps the front end float): 8-bit per-channel
     weight codes (max scale) for each Conv2d + ReLU (``Int8Conv2dReLU``) and the output
     Linear (``Int8Linear``); each ReLU's output range is the largest value it gives on the
-    ``calibration`` utterances (raw features, each [T, F], encoded one at a time), larger
-    values saturate. CPU only. Returns the names of the replaced layers.
+    ``calibration`` utterances (raw features, each [T, F], one at a time; a few hundred
+    training utterances: 20 were measured to be too few), larger values saturate. CPU only. Returns the names of the replaced layers.
     """
     from allinone.quant.int8 import Int8Conv2dReLU, Int8Linear
     from allinone.quant.quantizer import QuantizedTensor
@@ -211,9 +211,12 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
         return hook
 
     hooks = [layers[i + 1].register_forward_hook(record(k)) for k, i in enumerate(pairs)]
-    try:
+    try:  # only the front end runs: normalisation (as ``encode`` does it), then the convolutions
         for f in calibration:
-            model.encode(f.unsqueeze(0), torch.tensor([f.shape[0]]))
+            x, n = f.unsqueeze(0), torch.tensor([f.shape[0]])
+            if getattr(model, "normalize", None) is not None:
+                x, n = model.normalize(x, n)
+            embed.conv(x.unsqueeze(1))
     finally:
         for h in hooks:
             h.remove()
