@@ -19,8 +19,9 @@
 # model every run starts from; METHOD_OPTS adds overrides to every run; JOBS (default 1) trains
 # up to that many of a phase's runs at the same time on the one GPU (their wall-clock compression
 # times are then not comparable). On an H200, 3 concurrent float trainings each ran at 0.9x
-# their speed alone, while 9 concurrent QAT runs stalled (under 81 updates each in 8 minutes):
-# keep JOBS at 3 or below. Results: egs/speechocean762/asr1/exp/methods_s$STEPS/.
+# their speed alone, while 9 concurrent QAT runs stalled (under 81 updates each in 8 minutes,
+# each then with torch's default of one thread per core; jobs now split the cores, not yet
+# measured on a GPU): keep JOBS at 3 or below. Results: egs/speechocean762/asr1/exp/methods_s$STEPS/.
 set -euo pipefail
 source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 uniform|one_stage|two_stage|two_stage_search|all|compare}
@@ -41,10 +42,12 @@ jobs_max=${JOBS:-1}
 [[ $jobs_max =~ ^[1-9][0-9]*$ ]] || { echo "$0: JOBS must be a positive integer, got '$jobs_max'" >&2; exit 2; }
 failed=$(mktemp)
 trap 'rm -f "$failed"' EXIT
+# Concurrent runs share the CPU cores: each gets its part as its intra-op thread count (torch's
+# default, one thread per core in every process, oversubscribes the CPU JOBS times).
 job() {
   if [ "$jobs_max" -le 1 ]; then "$@"; return; fi
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
-  { "$@" || echo "$*" >> "$failed"; } &
+  { OMP_NUM_THREADS=$(( $(nproc) / jobs_max > 0 ? $(nproc) / jobs_max : 1 )) "$@" || echo "$*" >> "$failed"; } &
 }
 kl_then_qat() {
   local t=$1
