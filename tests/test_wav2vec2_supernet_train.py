@@ -257,6 +257,10 @@ def test_bench_a_wav2vec2_supernet(sandwich, digits, tmp_path):
     # The reference decodes as the supernet's largest float subnet does.
     hyps = (out / "systems" / LARGEST / "test" / "text").read_text()
     assert len(hyps.splitlines()) == 8
+    # an 8-bit Conv2d front end is a Conformer's: asked of a wav2vec2 model, refused before any work
+    assert cli(["bench", str(sandwich["final"]), "--grid", grid, "--data", str(digits / "test"),
+                "--out", str(tmp_path / "fe"), "--int8-front-end-calib", str(digits / "test")]) == 2
+    assert not (tmp_path / "fe").exists()
 
 
 def test_int8_routing_of_a_wav2vec2_model(sandwich):
