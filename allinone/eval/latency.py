@@ -187,7 +187,8 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
     weight codes (max scale) for each Conv2d + ReLU (``Int8Conv2dReLU``) and the output
     Linear (``Int8Linear``); each ReLU's output range is the largest value it gives on the
     ``calibration`` utterances (raw features, each [T, F], one at a time; a few hundred
-    training utterances: 20 were measured to be too few), larger values saturate. CPU only. Returns the names of the replaced layers.
+    training utterances: 20 were measured to be too few), larger values saturate. CPU only.
+    Returns the names of the replaced layers.
     """
     from allinone.quant.int8 import Int8Conv2dReLU, Int8Linear
     from allinone.quant.quantizer import QuantizedTensor
@@ -203,23 +204,17 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
              if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.ReLU)]
     if len(pairs) * 2 != len(layers):
         raise ValueError("front_end_to_int8 expects the front end as (Conv2d, ReLU) pairs")
+    # Each ReLU's largest output over the calibration utterances, from the front end alone
+    # (normalisation as ``encode`` does it, then the convolutions).
     peaks = [0.0] * len(pairs)
-
-    def record(k):
-        def hook(module, inputs, output):
-            peaks[k] = max(peaks[k], float(output.max()))
-        return hook
-
-    hooks = [layers[i + 1].register_forward_hook(record(k)) for k, i in enumerate(pairs)]
-    try:  # only the front end runs: normalisation (as ``encode`` does it), then the convolutions
-        for f in calibration:
-            x, n = f.unsqueeze(0), torch.tensor([f.shape[0]])
-            if getattr(model, "normalize", None) is not None:
-                x, n = model.normalize(x, n)
-            embed.conv(x.unsqueeze(1))
-    finally:
-        for h in hooks:
-            h.remove()
+    for f in calibration:
+        x, n = f.unsqueeze(0), torch.tensor([f.shape[0]])
+        if getattr(model, "normalize", None) is not None:
+            x, n = model.normalize(x, n)
+        h = x.unsqueeze(1)  # [1, 1, T, F]
+        for k, i in enumerate(pairs):
+            h = layers[i + 1](layers[i](h))
+            peaks[k] = max(peaks[k], float(h.max()))
     names = []
     for k, i in enumerate(pairs):
         embed.conv[i] = Int8Conv2dReLU.from_conv(layers[i], max(peaks[k], 1e-6))
