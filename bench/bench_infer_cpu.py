@@ -101,6 +101,7 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, calib_utts: 
     from allinone.eval.mapsswe import mapsswe
     from allinone.eval.wer import score
     from allinone.models.saved import load_model_dir
+    from tqdm import tqdm
 
     loaded = load_model_dir(model_dir)
     model, tok = loaded.model.eval(), loaded.tokenizer
@@ -125,7 +126,7 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, calib_utts: 
         m = _backend_model(model, backend, codes, calib if front else None)
         with torch.no_grad():
             hyps = {u: tok.decode(recognize_batch(m, f[None], torch.tensor([f.shape[0]]), DecodeOptions(beam=1))[0])
-                    for u, f in feats.items()}
+                    for u, f in tqdm(feats.items(), desc=label, leave=False)}
         first = first or hyps
         res = score(refs, hyps)
         changed = sum(hyps[u] != first[u] for u in hyps)
