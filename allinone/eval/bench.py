@@ -179,14 +179,16 @@ def read_hyps(decode_dir: str | os.PathLike) -> dict[str, str]:
 
 def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
     """What a saved system result depends on; a change means decoding it again."""
+    latency = None
+    if opts.latency:
+        latency = {"repeats": opts.latency_repeats, "utts": opts.latency_utts, "threads": opts.threads}
+        if opts.front_end_calib:  # (only then: results saved before the option existed stay valid)
+            latency["front_end_calib"] = [str(Path(opts.front_end_calib).resolve()), opts.front_end_calib_utts]
     return {
         "model": str(Path(model_dir).resolve()),
         "data": [str(t.path.resolve()) for t in test_sets],
         "beam": opts.beam,
-        "latency": ({"repeats": opts.latency_repeats, "utts": opts.latency_utts, "threads": opts.threads,
-                     "front_end_calib": opts.front_end_calib and str(Path(opts.front_end_calib).resolve()),
-                     "front_end_calib_utts": opts.front_end_calib_utts}
-                    if opts.latency else None),
+        "latency": latency,
     }
 
 
