@@ -33,7 +33,7 @@ import platform
 
 import torch
 
-from allinone.eval.latency import _backend_model, _is_pointwise_conv1d, measure_latency
+from allinone.eval.latency import _backend_model, _is_pointwise_conv1d, front_end_ranges, measure_latency
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.quant.quantizer import QuantizedTensor
@@ -63,13 +63,13 @@ _CONV_OPS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::th
              "aten::_convolution", "aten::convolution", "quantized::conv2d_relu")
 
 
-def time_split(model, codes: dict, backend: str, seconds: float = 5.0, calibration=None) -> dict[str, float]:
+def time_split(model, codes: dict, backend: str, seconds: float = 5.0, ranges=None) -> dict[str, float]:
     """Milliseconds of one utterance's encode + CTC by part (self CPU time of its operators).
 
     Convolutions on a 4-D input with more than one row are the Conv2d subsampling front end;
     the convolution modules' Conv1d run as 2-D convolutions over one row.
     """
-    m = _backend_model(model, backend, codes, calibration)
+    m = _backend_model(model, backend, codes, ranges)
     x, n = torch.randn(1, int(seconds * 100), 80), torch.tensor([int(seconds * 100)])
     with torch.no_grad():
         for _ in range(2):
@@ -123,7 +123,7 @@ def wer_check(model_dir: str, data_dir: str, calib_dir: str | None, calib_utts: 
     print("|---|---:|---:|---:|---:|")
     first = None
     for label, backend, front in INT8_SETUPS:
-        m = _backend_model(model, backend, codes, calib if front else None)
+        m = _backend_model(model, backend, codes, front_end_ranges(model, calib) if front else None)
         with torch.no_grad():
             hyps = {u: tok.decode(recognize_batch(m, f[None], torch.tensor([f.shape[0]]), DecodeOptions(beam=1))[0])
                     for u, f in tqdm(feats.items(), desc=label, leave=False)}
@@ -158,12 +158,13 @@ def main() -> None:
     calib = [torch.randn(500, 80) for _ in range(3)]
     for preset in args.preset:
         model, codes = model_and_codes(preset)
+        ranges = front_end_ranges(model, calib)
         for threads in args.threads:
             for seconds in args.seconds:
                 feats = [torch.randn(int(seconds * 100), 80) for _ in range(args.utts)]
                 fp32, int8, int8_fe = (
                     measure_latency(model, codes, feats, backend, repeats=args.repeats, threads=threads,
-                                    front_end_calibration=calib if front else None)
+                                    front_end_ranges=ranges if front else None)
                     for _, backend, front in INT8_SETUPS)
                 print(f"| {preset} | {threads} | {seconds:g} s | {fp32.ms_per_utt:.1f} ({fp32.rtf:.3f}) | "
                       f"{int8.ms_per_utt:.1f} ({int8.rtf:.3f}) | {int8_fe.ms_per_utt:.1f} ({int8_fe.rtf:.3f}) | "
@@ -176,8 +177,9 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|---:|")
         for preset in args.preset:
             model, codes = model_and_codes(preset)
+            ranges = front_end_ranges(model, calib)
             for label, backend, front in INT8_SETUPS:
-                parts = time_split(model, codes, backend, calibration=calib if front else None)
+                parts = time_split(model, codes, backend, ranges=ranges if front else None)
                 total = sum(parts.values())
                 cells = " | ".join(f"{v:.1f} ({100 * v / total:.0f}%)" for v in parts.values())
                 print(f"| {preset} | {label} | {total:.1f} | {cells} |")

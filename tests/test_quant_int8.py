@@ -181,7 +181,7 @@ def _tiny_asr():
 def test_front_end_to_int8_calibrates_and_stays_close():
     import copy
 
-    from allinone.eval.latency import front_end_to_int8
+    from allinone.eval.latency import front_end_ranges, front_end_to_int8
     from allinone.quant.int8 import Int8Conv2dReLU
 
     model = _tiny_asr()
@@ -195,35 +195,40 @@ def test_front_end_to_int8_calibrates_and_stays_close():
     for h in hooks:
         h.remove()
     m = copy.deepcopy(model)
-    names = front_end_to_int8(m, calib)
+    ranges = front_end_ranges(m, calib)
+    # each layer's range is its largest ReLU output over the calibration utterances
+    assert ranges == pytest.approx([max(peaks[0::2]), max(peaks[1::2])])
+    names = front_end_to_int8(m, ranges)
     assert names == ["encoder.embed.conv.0", "encoder.embed.conv.2", "encoder.embed.out.0"]
     convs = [mod for mod in m.encoder.embed.conv if isinstance(mod, Int8Conv2dReLU)]
-    # each layer's range is its largest ReLU output over the calibration utterances
-    assert [c.output_max for c in convs] == pytest.approx([max(peaks[0::2]), max(peaks[1::2])])
+    assert [c.output_max for c in convs] == pytest.approx(ranges)
     assert isinstance(m.encoder.embed.out[0], Int8Linear)
     x = torch.randn(1, 80, 40)
     with torch.no_grad():
         want = model.encode(x, torch.tensor([80]))[0]
         got = m.encode(x, torch.tensor([80]))[0]
     assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()
-    with pytest.raises(ValueError, match="calibration utterance"):
-        front_end_to_int8(copy.deepcopy(model), [])
+    with pytest.raises(ValueError, match="at least one utterance"):
+        front_end_ranges(model, [])
+    with pytest.raises(ValueError, match="1 output ranges for a front end of 2"):
+        front_end_to_int8(copy.deepcopy(model), ranges[:1])
     not_conformer = nn.Module()
     not_conformer.encoder = nn.Module()
-    with pytest.raises(ValueError, match="Conv2d subsampling front end only"):
-        front_end_to_int8(not_conformer, calib)
+    with pytest.raises(ValueError, match="Conformer's Conv2d subsampling front end"):
+        front_end_ranges(not_conformer, calib)
 
 
 def test_latency_with_int8_front_end():
-    from allinone.eval.latency import measure_latency
+    from allinone.eval.latency import front_end_ranges, measure_latency
 
     model = _tiny_asr()
     codes = {f"{n}.weight": QuantizedTensor.from_weight(mod.weight.detach(), 8, per_channel=True)
              for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n.startswith("encoder.encoders.")}
     feats = [torch.randn(50, 40)]
-    res = measure_latency(model, codes, feats, "cpu-int8-fe", repeats=1, front_end_calibration=feats)
+    ranges = front_end_ranges(model, feats)
+    res = measure_latency(model, codes, feats, "cpu-int8-fe", repeats=1, front_end_ranges=ranges)
     assert res.ms_per_utt > 0 and res.backend == "cpu-int8-fe"
     assert isinstance(model.encoder.embed.conv[0], nn.Conv2d)  # the original is left as it is
-    for backend, calib in (("cpu-int8", feats), ("cpu-fp32", feats), ("cpu-int8-fe", None)):
-        with pytest.raises(ValueError, match="cpu-int8-fe backend needs front_end_calibration"):
-            measure_latency(model, codes, feats, backend, repeats=1, front_end_calibration=calib)
+    for backend, r in (("cpu-int8", ranges), ("cpu-fp32", ranges), ("cpu-int8-fe", None)):
+        with pytest.raises(ValueError, match="cpu-int8-fe backend needs front_end_ranges"):
+            measure_latency(model, codes, feats, backend, repeats=1, front_end_ranges=r)

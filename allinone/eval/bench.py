@@ -208,7 +208,7 @@ def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOpti
 
 def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,
                   test_sets: list[TestSet], latency_feats: list, sys_dir: Path,
-                  opts: BenchOptions, settings: dict, calib_feats: list | None = None) -> dict:
+                  opts: BenchOptions, settings: dict, front_end_ranges: list[float] | None = None) -> dict:
     """Decode, score, size and time one system; write its files and ``system.json``."""
     from allinone.elastic.extract import extract, extracted_size
     from allinone.eval.latency import backends_for, measure_latency
@@ -226,10 +226,10 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
         from allinone.eval.search import input_shift_s
 
         shift = input_shift_s(fbank)
-        for backend in backends_for(bits, front_end=bool(calib_feats)):
+        for backend in backends_for(bits, front_end=front_end_ranges is not None):
             latency[backend] = measure_latency(
                 small, quantized, latency_feats, backend, shift, opts.latency_repeats, opts.threads, opts.beam,
-                front_end_calibration=calib_feats if backend == "cpu-int8-fe" else None).to_dict()
+                front_end_ranges=front_end_ranges if backend == "cpu-int8-fe" else None).to_dict()
     record = {
         "system": name,
         "size": {
@@ -315,13 +315,15 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
                  for p, n in zip(paths, _unique_names(paths))]
     first = test_sets[0]
     latency_feats = [first.feats[u] for u in sorted(first.refs)[: opts.latency_utts]]
-    calib_feats = None
-    if opts.front_end_calib and opts.latency:
+    ranges = None
+    if opts.front_end_calib and opts.latency:  # once: every subnet shares the supernet's front end
         from allinone.data.dataset import extract_features
         from allinone.data.kaldi import read_data_dir
+        from allinone.eval.latency import front_end_ranges
 
         calib_utts = sorted(read_data_dir(opts.front_end_calib), key=lambda u: u.utt_id)[: opts.front_end_calib_utts]
-        calib_feats = list(extract_features(calib_utts, loaded.fbank, opts.num_workers, progress=False).values())
+        ranges = front_end_ranges(model, list(extract_features(calib_utts, loaded.fbank, opts.num_workers,
+                                                               progress=False).values()))
     dec_model = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
     settings = _settings(model_dir, test_sets, opts)
 
@@ -333,7 +335,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         record = _load_done(sys_dir, settings, test_sets)
         if record is None:
             record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
-                                   test_sets, latency_feats, sys_dir, opts, settings, calib_feats)
+                                   test_sets, latency_feats, sys_dir, opts, settings, ranges)
         else:
             skipped += 1
         records[name] = record

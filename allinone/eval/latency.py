@@ -6,7 +6,7 @@ A backend is a way of running an extracted (standalone) model:
 |---|---|
 | ``cpu-fp32`` | the extracted model on CPU, float32 weights (quantized ones dequantized on load) |
 | ``cpu-int8`` | the same with every 8-bit ``nn.Linear`` and pointwise (kernel-1) ``nn.Conv1d`` on integer kernels (``Int8Linear``, fbgemm; see ``int8_model``); only for subnets whose quantized weights are all 8-bit. Depthwise Conv1d layers and the float front end stay float |
-| ``cpu-int8-fe`` | ``cpu-int8`` with the Conformer's float Conv2d front end on 8-bit kernels too (``front_end_to_int8``, calibrated on ``front_end_calibration`` utterances: an accuracy decision, its weights are not trained for it) |
+| ``cpu-int8-fe`` | ``cpu-int8`` with the Conformer's float Conv2d front end on 8-bit kernels too (``front_end_to_int8``, output ranges from calibration utterances, ``front_end_ranges``: an accuracy decision, its weights are not trained for it) |
 | ``cuda-fp32`` | the extracted model on the GPU, float32 |
 | ``cuda-bf16`` | the same under bf16 autocast (the float twin an int8 model must not be slower than) |
 | ``cuda-int8`` | the extracted model on the GPU with every 8-bit ``nn.Linear`` on ``torch._int_mm`` (int8 weights and per-row int8 activations); only for all-8-bit subnets |
@@ -39,7 +39,7 @@ import torch
 BACKENDS = ("cpu-fp32", "cpu-int8", "cpu-int8-fe", "cuda-fp32", "cuda-bf16", "cuda-int8")
 
 __all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model",
-           "front_end_to_int8"]
+           "front_end_ranges", "front_end_to_int8"]
 
 
 @dataclass
@@ -180,32 +180,32 @@ def int8_model(model, quantized: dict) -> list[str]:
 
 
 @torch.no_grad()
-def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
-    """Put, in place, the float Conv2d subsampling front end of ``model`` on 8-bit kernels.
-
-    Post-training quantization (the supernet keeps the front end float): 8-bit per-channel
-    weight codes (max scale) for each Conv2d + ReLU (``Int8Conv2dReLU``) and the output
-    Linear (``Int8Linear``); each ReLU's output range is the largest value it gives on the
-    ``calibration`` utterances (raw features, each [T, F], one at a time; a few hundred
-    training utterances: 20 were measured to be too few), larger values saturate. CPU only.
-    Returns the names of the replaced layers.
-    """
-    from allinone.quant.int8 import Int8Conv2dReLU, Int8Linear
-    from allinone.quant.quantizer import QuantizedTensor
-
-    if not calibration:
-        raise ValueError("front_end_to_int8 needs at least one calibration utterance")
+def _front_end_relu_pairs(model) -> tuple[torch.nn.Module, list[int]]:
+    """The Conformer's Conv2d front end and the index of each (Conv2d, ReLU) pair in it."""
     embed = getattr(model.encoder, "embed", None)
     if not hasattr(embed, "conv"):
-        raise ValueError(f"front_end_to_int8 supports the Conformer's Conv2d subsampling front end only, "
+        raise ValueError(f"an 8-bit front end needs the Conformer's Conv2d subsampling front end, "
                          f"not {type(model.encoder).__name__}'s")
     layers = list(embed.conv)
     pairs = [i for i in range(0, len(layers) - 1, 2)
              if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.ReLU)]
     if len(pairs) * 2 != len(layers):
-        raise ValueError("front_end_to_int8 expects the front end as (Conv2d, ReLU) pairs")
-    # Each ReLU's largest output over the calibration utterances, from the front end alone
-    # (normalisation as ``encode`` does it, then the convolutions).
+        raise ValueError("an 8-bit front end needs the front end as (Conv2d, ReLU) pairs")
+    return embed, pairs
+
+
+@torch.no_grad()
+def front_end_ranges(model, calibration: list[torch.Tensor]) -> list[float]:
+    """Each front-end ReLU's largest output over ``calibration`` (raw features, each [T, F]).
+
+    Only the front end runs (normalisation as ``encode`` does it, then the convolutions), one
+    utterance at a time. A few hundred training utterances: 20 were measured to be too few
+    (docs/benchmarks.md, section 3b). The ranges are the same for every subnet of a supernet,
+    whose front end is shared.
+    """
+    if not calibration:
+        raise ValueError("calibrating an 8-bit front end needs at least one utterance")
+    embed, pairs = _front_end_relu_pairs(model)
     peaks = [0.0] * len(pairs)
     for f in calibration:
         x, n = f.unsqueeze(0), torch.tensor([f.shape[0]])
@@ -213,11 +213,28 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
             x, n = model.normalize(x, n)
         h = x.unsqueeze(1)  # [1, 1, T, F]
         for k, i in enumerate(pairs):
-            h = layers[i + 1](layers[i](h))
+            h = embed.conv[i + 1](embed.conv[i](h))
             peaks[k] = max(peaks[k], float(h.max()))
+    return peaks
+
+
+def front_end_to_int8(model, ranges: list[float]) -> list[str]:
+    """Put, in place, the float Conv2d subsampling front end of ``model`` on 8-bit kernels.
+
+    Post-training quantization (the supernet keeps the front end float): 8-bit per-channel
+    weight codes (max scale) for each Conv2d + ReLU (``Int8Conv2dReLU``), whose output keeps
+    to [0, ``ranges[k]``] (``front_end_ranges``; larger values saturate), and for the output
+    Linear (``Int8Linear``). CPU only. Returns the names of the replaced layers.
+    """
+    from allinone.quant.int8 import Int8Conv2dReLU, Int8Linear
+    from allinone.quant.quantizer import QuantizedTensor
+
+    embed, pairs = _front_end_relu_pairs(model)
+    if len(ranges) != len(pairs):
+        raise ValueError(f"{len(ranges)} output ranges for a front end of {len(pairs)} convolutions")
     names = []
     for k, i in enumerate(pairs):
-        embed.conv[i] = Int8Conv2dReLU.from_conv(layers[i], max(peaks[k], 1e-6))
+        embed.conv[i] = Int8Conv2dReLU.from_conv(embed.conv[i], max(ranges[k], 1e-6))
         embed.conv[i].quantized_output = k < len(pairs) - 1  # the next convolution takes it as it is
         embed.conv[i + 1] = torch.nn.Identity()  # the ReLU is fused into the integer kernel
         names.append(f"encoder.embed.conv.{i}")
@@ -232,14 +249,14 @@ def front_end_to_int8(model, calibration: list[torch.Tensor]) -> list[str]:
     return names + ["encoder.embed.out.0" if in_sequential else "encoder.embed.out"]
 
 
-def _backend_model(model, backend: str, quantized: dict, front_end_calibration: list[torch.Tensor] | None = None):
+def _backend_model(model, backend: str, quantized: dict, front_end_ranges: list[float] | None = None):
     """A copy of ``model`` set up for ``backend`` (the original is left as it is)."""
-    if (backend == "cpu-int8-fe") != bool(front_end_calibration):
-        raise ValueError("the cpu-int8-fe backend needs front_end_calibration utterances, and no other takes them")
+    if (backend == "cpu-int8-fe") != (front_end_ranges is not None):
+        raise ValueError("the cpu-int8-fe backend needs front_end_ranges, and no other takes them")
     m = copy.deepcopy(model).eval()
     if backend in ("cpu-int8", "cpu-int8-fe"):
         if backend == "cpu-int8-fe":
-            front_end_to_int8(m, front_end_calibration)
+            front_end_to_int8(m, front_end_ranges)
         if not int8_model(m, quantized):
             raise ValueError(f"{backend} backend: the model has no 8-bit Linear layers")
     elif backend in ("cuda-fp32", "cuda-bf16"):
@@ -256,15 +273,16 @@ def _backend_model(model, backend: str, quantized: dict, front_end_calibration: 
 @torch.no_grad()
 def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: str,
                     frame_shift_s: float = 0.01, repeats: int = 5, threads: int | None = None,
-                    beam: int = 1, front_end_calibration: list[torch.Tensor] | None = None) -> LatencyResult:
+                    beam: int = 1, front_end_ranges: list[float] | None = None) -> LatencyResult:
     """Time ``backend`` recognising each utterance of ``feats`` alone.
 
     model: an extracted standalone ``ASRModel`` (CPU); quantized: its ``QuantizedTensor``s
     (exact 8-bit codes for ``cpu-int8``); feats: utterances, each [T, F] raw log-mel;
     frame_shift_s: seconds of audio per feature frame (hop / sample rate);
     threads: CPU threads (None = leave torch's setting);
-    front_end_calibration: for ``cpu-int8-fe`` (only): utterances ([T, F] raw log-mel) that
-    calibrate its 8-bit front end (``front_end_to_int8``).
+    front_end_ranges: for ``cpu-int8-fe`` (only): the output range of each front-end
+    convolution (``front_end_ranges``, computed before: calibration is not timed or counted
+    in the peak memory).
     """
     from allinone.eval.decode import DecodeOptions, recognize_batch
 
@@ -283,7 +301,7 @@ def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: 
             base = torch.cuda.memory_allocated()
         else:
             cpu_peak.start()
-        m = _backend_model(model, backend, quantized, front_end_calibration)
+        m = _backend_model(model, backend, quantized, front_end_ranges)
         inputs = [(f.unsqueeze(0).to(device), torch.tensor([f.shape[0]], device=device)) for f in feats]
         opts = DecodeOptions(beam=beam, device=str(device))
 
