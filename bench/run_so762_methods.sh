@@ -69,12 +69,13 @@ two_stage_search() { for t in ${TARGETS:-4 3}; do job search_then_qat $t; done; 
 case $phase in
   uniform|one_stage|two_stage|two_stage_search) $phase ;;
   all) uniform; one_stage; two_stage; two_stage_search ;;  # every training phase (JOBS at a time)
-  compare)
+  compare)  # every run of $exp, whatever UNIFORM_BITS / TARGETS trained it; unfinished ones named
     runs=""
-    add() { if [ -f $exp/$2/allocation.json ]; then runs="$runs $1=$exp/$2"; else echo "$0: $exp/$2 not finished: left out" >&2; fi; }
-    for b in 8 4 3 2; do add uniform/b$b uniform_b$b; done
-    for t in 4 3; do
-      add one_stage/b$t one_stage_b$t; add two_stage_kl/b$t two_stage_kl_b$t; add two_stage_search/b$t two_stage_search_b$t
+    for dir in $exp/uniform_b* $exp/one_stage_b* $exp/two_stage_kl_b* $exp/two_stage_search_b*; do
+      [ -d "$dir" ] || continue  # a pattern that matched nothing
+      run=$(basename $dir)       # e.g. two_stage_kl_b3 -> label two_stage_kl/b3
+      if [ -f $dir/allocation.json ]; then runs="$runs ${run%_b*}/b${run##*_b}=$dir"
+      else echo "$0: $dir not finished: left out" >&2; fi
     done
     cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16
     cat $exp/compare/results.md ;;
