@@ -84,8 +84,8 @@ def cmd_import_espnet(args) -> None:
 
     model, info = load_espnet_asr(args.exp_dir, args.checkpoint)
     token_list = info["token_list"]
-    bpemodel = info["config"].get("bpemodel")
-    if info["config"].get("token_type", "bpe") == "char" or not bpemodel:
+    bpemodel = info["espnet_config"].get("bpemodel")
+    if info["espnet_config"].get("token_type", "bpe") == "char" or not bpemodel:
         tokenizer = CharTokenizer(token_list)
     else:
         path = Path(bpemodel)

@@ -98,6 +98,21 @@ def experiment(tmp_path_factory):
     return root, args, model
 
 
+def test_import_espnet_command(experiment, tmp_path):
+    """``allinone import-espnet`` writes a model dir that decodes like the imported model."""
+    from allinone.cli import main
+    from allinone.models.saved import load_model_dir
+
+    root, _, _ = experiment
+    assert main(["import-espnet", str(root / "exp"), "--out", str(tmp_path / "imported")]) == 0
+    loaded = load_model_dir(tmp_path / "imported")
+    ours, _ = load_espnet_asr(root / "exp")
+    feats, lens = torch.randn(2, 60, 80), torch.tensor([60, 41])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode(feats, lens)[0], ours.encode(feats, lens)[0])
+    assert loaded.tokenizer.vocab_size == len(TOKENS)
+
+
 def test_import_matches_espnet(experiment):
     root, args, ref = experiment
     ours, info = load_espnet_asr(root / "exp")

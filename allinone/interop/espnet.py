@@ -313,7 +313,7 @@ def load_espnet_asr(
         checkpoint: weights file; default: see ``find_checkpoint``.
     Returns:
         ``(model, info)``; the model is in eval mode.  ``info`` holds ``config``
-        (the ``ASRModelConfig``), ``token_list``, ``fbank`` (settings to compute
+        (the ``ASRModelConfig``), ``espnet_config`` (the parsed config.yaml), ``token_list``, ``fbank`` (settings to compute
         matching features), ``checkpoint``, ``ignored_keys`` (checkpoint entries that
         are not ours, e.g. the front end's mel matrix), ``notes``.
     """
@@ -357,7 +357,7 @@ def load_espnet_asr(
     _check_fit(ours, state, ckpt)
     model.load_state_dict(state, strict=not stats_from_file)
     model.eval()
-    info.update(config=config, checkpoint=str(ckpt), ignored_keys=ignored)
+    info.update(config=config, espnet_config=cfg, checkpoint=str(ckpt), ignored_keys=ignored)
     return model, info
 
 
