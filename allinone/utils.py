@@ -33,6 +33,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file"):
+    """The parsed content of a YAML file; a syntax error is a ``ValueError`` naming the file and line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"{what} {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file and a rename."""
     import torch

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import yaml
 
 from allinone.elastic.subnet import FLOAT_BITS, KINDS, LayerChoice, SubnetConfig
+from allinone.utils import read_yaml
 
 __all__ = ["SearchSpace", "load_space", "load_grid"]
 
@@ -307,7 +307,7 @@ def load_space(source: str | os.PathLike | dict | SearchSpace) -> SearchSpace:
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"search space file not found: {path}")
-    d = yaml.safe_load(path.read_text())
+    d = read_yaml(path, "search space file")
     if not isinstance(d, dict):
         raise ValueError(f"{path}: a search space is a YAML mapping (depth, ffn, heads, bits, ...)")
     try:
@@ -328,7 +328,7 @@ def load_grid(source: str | os.PathLike | list | dict, space: SearchSpace) -> li
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"grid file not found: {path}")
-        source = yaml.safe_load(path.read_text())
+        source = read_yaml(path, "grid file")
     dims = ("depth", "ffn", "heads", "bits")
     if isinstance(source, dict):
         unknown = sorted(set(source) - set(dims))

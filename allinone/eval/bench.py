@@ -304,8 +304,13 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         if not hasattr(getattr(model.encoder, "embed", None), "conv") or opts.front_end_calib_utts < 1:
             raise ValueError("an 8-bit front end (cpu-int8-fe) needs a Conformer model with a Conv2d front end "
                              "and at least one calibration utterance")
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU")
+    from allinone.eval.decode import DecodeOptions
+
+    DecodeOptions(beam=opts.beam, device=opts.device)  # checks the beam and the device
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"output directory {out_dir} is an existing file")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
 
     ref_name = space.format(reference)
     systems = [(ref_name, reference)] + [(space.format(s), s) for s in subnets if s != reference]

@@ -28,6 +28,27 @@ class DecodeOptions:
     device: str = "cpu"
     skip_bad: bool = False
 
+    def __post_init__(self):
+        if self.beam < 1:
+            raise ValueError(f"beam must be >= 1 (1 = greedy CTC), got {self.beam}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must lie in [0, 1], got {self.ctc_weight}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)``, or a ``ValueError`` naming a device string torch does not know
+    or a CUDA device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no GPU")
+    return dev
+
 
 @torch.no_grad()
 def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) -> torch.Tensor:
@@ -98,6 +119,8 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     from allinone.eval.wer import write_results
     from allinone.models.saved import load_model_dir
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"output directory {out_dir} is an existing file")
     device = torch.device(opts.device)
     loaded = load_model_dir(model_dir, device=opts.device)
     model, tokenizer = loaded.model, loaded.tokenizer

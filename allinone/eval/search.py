@@ -524,8 +524,16 @@ def run_search(model_dir: str | os.PathLike, budget: Budget, data_dir: str | os.
     from allinone.eval.bench import resolve_grid
     from allinone.models.saved import load_model_dir
 
+    from allinone.eval.decode import check_device
+
     if opts.sample < 1:
         raise ValueError("--sample must be >= 1")
+    for name in ("population", "generations", "latency_utts", "latency_repeats"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
+    check_device(opts.device)
     loaded = load_model_dir(model_dir, device=opts.device)
     model, space = loaded.model, loaded.model.search_space
     if space is None:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from allinone.models.asr import ASRModel, ASRModelConfig
+from allinone.utils import read_yaml
 from allinone.models.conformer import ConformerConfig
 
 __all__ = [
@@ -276,7 +277,10 @@ def find_checkpoint(exp_dir: str | os.PathLike, checkpoint: str | os.PathLike | 
 
 def _load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     notes = []
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as e:  # truncated or not a torch file
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         notes.append(f"{path.name} is a training checkpoint; used its 'model' entry")
         obj = obj["model"]
@@ -327,8 +331,7 @@ def load_espnet_asr(
         if not config_path.is_file():
             raise ValueError(f"ESPnet config not found: {config_path}")
         exp_dir = config_path.parent
-        with open(config_path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f)
+        cfg = read_yaml(config_path, "ESPnet config")
         if not isinstance(cfg, dict):
             raise ValueError(f"{config_path}: expected a YAML mapping")
     config, info = espnet_to_config(cfg, exp_dir)

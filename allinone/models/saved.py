@@ -180,6 +180,12 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
             raise ValueError(f"{model_dir / FLOAT_WEIGHTS} is corrupt or truncated: {e}") from None
     else:
         raise ValueError(f"{model_dir} holds no weights ({FLOAT_WEIGHTS} or {PACKED_WEIGHTS})")
+    ours = model.state_dict()
+    misfit = [f"{k} {tuple(v.shape)} (config.json: {tuple(ours[k].shape)})"
+              for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    if misfit:
+        raise ValueError(f"weights in {model_dir} do not fit its config.json: {len(misfit)} tensor(s) of another "
+                         f"shape, e.g. {'; '.join(misfit[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -16,6 +16,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from allinone.utils import read_yaml
+
 
 @dataclass
 class FbankSection:
@@ -165,13 +167,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     Returns a plain :class:`ExperimentConfig` (interpolations resolved).
     """
     schema = OmegaConf.structured(ExperimentConfig)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"override(s) {', '.join(bad)} lack a value: write key=value, e.g. train.max_steps=100")
     try:
         parts = [schema]
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ValueError(f"config file not found: {path}")
-            parts.append(OmegaConf.load(path))
+            parts.append(OmegaConf.create(read_yaml(path, "config file") or {}))
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*parts)
         OmegaConf.resolve(merged)
