@@ -106,3 +106,19 @@ def test_bad_cli_options_rejected_before_any_work(supernet, data_root, tmp_path,
     a_file.write_text("")
     assert main(["decode", str(supernet), "--data", str(data), "--out", str(a_file)]) == 2
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_training_and_stage1_options(tmp_path):
+    from allinone.elastic.mixed_stage1 import run_stage1
+    from allinone.eval.compare import MethodRun, compare_runs
+    from allinone.train.trainer import pick_device
+
+    with pytest.raises(ValueError, match="train.device='gpu9': expected auto, cuda or cpu"):
+        pick_device("gpu9")
+    with pytest.raises(ValueError, match="--num-batches and --samples must be >= 1"):
+        run_stage1(None, "kl", tmp_path / "s1", num_batches=0)
+    run = MethodRun("uniform", "b4", tmp_path / "run")
+    for kwargs, message in (({"alpha": 0.0}, r"alpha must be in \(0, 1\)"), ({"beam": 0}, "beam must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            compare_runs(tmp_path / "ref", [run], [tmp_path / "data"], tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -222,7 +222,8 @@ def extract_features(
             feats[out_id] = torch.from_numpy(array)
         elif not skip_bad:
             bar.close()
-            raise DataError(error + " (pass skip_bad=True to log and skip bad utterances)")
+            raise DataError(error + " (allinone decode --skip-bad, or skip_bad=True in Python, "
+                                    "logs and skips bad utterances)")
         else:
             logger.warning("skipping %s", error)
             problems[out_id] = error

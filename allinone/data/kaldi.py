@@ -269,7 +269,7 @@ def read_data_dir(path: str | os.PathLike, skip_bad: bool = False) -> UtteranceL
         msg = f"{len(problems)} bad utterance(s) in {data_dir}:\n  " + "\n  ".join(listed)
         if more:
             msg += f"\n  ... and {more} more"
-        raise DataError(msg + "\n(pass skip_bad=True to log and skip them)")
+        raise DataError(msg + "\n(allinone decode --skip-bad, or skip_bad=True in Python, logs and skips them)")
     for utt_id in sorted(problems):
         logger.warning("skipping utterance %s: %s", utt_id, problems[utt_id])
     if problems:

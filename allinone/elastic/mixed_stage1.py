@@ -47,6 +47,8 @@ def run_stage1(cfg, method: str, out_dir: str | Path, num_batches: int = 8, n_sa
     if method not in SENSITIVITIES:
         raise ValueError(f"stage-1 method {method!r}; expected one of {', '.join(SENSITIVITIES)} "
                          "(the frozen-model search is a training run: supernet.freeze_weights=true)")
+    if num_batches < 1 or n_samples < 1:
+        raise ValueError(f"--num-batches and --samples must be >= 1, got {num_batches} and {n_samples}")
     if not cfg.supernet:
         raise ValueError("stage 1 needs the experiment's supernet section (quant, space, candidate_bits, ...)")
     opts = SupernetOptions.from_dict({**cfg.supernet, "strategy": "mixed_precision", "subnet": None})

@@ -188,6 +188,11 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     data_dirs = [Path(d) for d in data_dirs]
     if not runs:
         raise ValueError("compare: give at least one run (METHOD/LABEL=RUN_DIR)")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    from allinone.eval.decode import DecodeOptions
+
+    DecodeOptions(beam=beam, device=device, num_workers=num_workers)  # checks them before any decoding
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare: run names must be unique, got {names}")

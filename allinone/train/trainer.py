@@ -71,6 +71,8 @@ def pick_device(choice: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", local_rank)
+    if choice != "cpu":
+        raise ValueError(f"train.device={choice!r}: expected auto, cuda or cpu")
     return torch.device("cpu")
 
 
