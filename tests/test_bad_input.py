@@ -122,3 +122,13 @@ def test_training_and_stage1_options(tmp_path):
         with pytest.raises(ValueError, match=message):
             compare_runs(tmp_path / "ref", [run], [tmp_path / "data"], tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_without_data_writes_nothing(tmp_path):
+    from allinone.train.trainer import train
+
+    cfg = load_config(None, [f"exp_dir={tmp_path / 'exp'}", f"data.train={tmp_path / 'nope'}",
+                             f"data.valid={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match=r"data.train=.*nope: not a data directory \(no wav.scp or text\)"):
+        train(cfg)
+    assert not (tmp_path / "exp").exists()

@@ -173,6 +173,7 @@ def test_compiled_training_matches_eager(digits, tmp_path):
     assert "torch.compile(" not in (tmp_path / "null" / "train.log").read_text()
     with pytest.raises(ValueError, match="train.compile='nvcc' is not a torch.compile backend"):
         train(tiny_config(digits, tmp_path / "bad", max_epochs=1, max_steps=1, compile="nvcc"))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def _specaug_items(n):

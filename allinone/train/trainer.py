@@ -457,6 +457,17 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     if cfg.train.select_by not in SELECT_BY:
         raise ValueError(f"train.select_by={cfg.train.select_by!r}; expected one of {', '.join(SELECT_BY)}")
     select_key = SELECT_BY[cfg.train.select_by]
+    # What can be checked without reading audio is checked before exp_dir is written to.
+    for key, d in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        missing = [f for f in ("wav.scp", "text") if not (Path(d) / f).is_file()]
+        if missing:
+            raise ValueError(f"{key}={d}: not a data directory (no {' or '.join(missing)})")
+    if cfg.train.compile:
+        from torch._dynamo import list_backends
+
+        if cfg.train.compile not in list_backends(exclude_tags=()):
+            raise ValueError(f"train.compile={cfg.train.compile!r} is not a torch.compile backend; "
+                             f"known: {', '.join(list_backends(exclude_tags=()))}")
     exp_dir = Path(cfg.exp_dir)
     rank, world, _ = dist_info()
     device = pick_device(cfg.train.device)
@@ -492,11 +503,6 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
     if cfg.train.compile:
         # Compiles the module that the strategies call; checkpoints still come from ``model``
         # (no "_orig_mod." prefixes). dynamic=True: batch and length change every step.
-        from torch._dynamo import list_backends
-
-        if cfg.train.compile not in list_backends(exclude_tags=()):
-            raise ValueError(f"train.compile={cfg.train.compile!r} is not a torch.compile backend; "
-                             f"known: {', '.join(list_backends(exclude_tags=()))}")
         # Inductor's layout optimisation re-strides convolution activations with concrete
         # strides in the backward graph, which recompiles for every new length; off, one graph
         # serves all lengths (tests/test_compile_dynamic.py).
