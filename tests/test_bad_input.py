@@ -132,3 +132,12 @@ def test_training_without_data_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"data.train=.*nope: not a data directory \(no wav.scp or text\)"):
         train(cfg)
     assert not (tmp_path / "exp").exists()
+
+
+def test_empty_data_directory(tmp_path):
+    from allinone.data.kaldi import DataError, read_data_dir
+
+    (tmp_path / "wav.scp").write_text("")
+    (tmp_path / "text").write_text("")
+    with pytest.raises(DataError, match="lists no utterances"):
+        read_data_dir(tmp_path)

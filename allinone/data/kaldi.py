@@ -235,6 +235,8 @@ def read_data_dir(path: str | os.PathLike, skip_bad: bool = False) -> UtteranceL
     utt2spk = _read_table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else None
     segments = _read_segments(data_dir / "segments") if (data_dir / "segments").is_file() else None
 
+    if not wav_scp and not texts:
+        raise DataError(f"data directory {data_dir} lists no utterances (wav.scp and text are empty)")
     problems: dict[str, str] = {}
     # With segments, utterances are segment ids pointing at recordings; otherwise the
     # wav.scp keys are the utterance ids themselves.
