@@ -141,3 +141,14 @@ def test_empty_data_directory(tmp_path):
     (tmp_path / "text").write_text("")
     with pytest.raises(DataError, match="lists no utterances"):
         read_data_dir(tmp_path)
+
+
+def test_model_config_errors_before_any_data(tmp_path, data_root):
+    from allinone.train.trainer import train
+
+    data = make_digits(data_root, tmp_path / "data", num_utts=2)
+    cfg = load_config(None, [f"exp_dir={tmp_path / 'exp'}", f"data.train={data}", f"data.valid={data}",
+                             "model.encoder.output_size=96", "model.encoder.attention_heads=5"])
+    with pytest.raises(ValueError, match="output_size=96 must be divisible by attention_heads=5"):
+        train(cfg)
+    assert not (tmp_path / "exp").exists()

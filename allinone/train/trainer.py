@@ -182,7 +182,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     (quantizers from ``supernet.quant``, optional ``init_from`` weights sorted by importance,
     scales set, search space attached: see docs/supernet.md).  ``model.kind: wav2vec2``
     builds a ``Wav2Vec2CTCModel`` (``build_wav2vec2``)."""
-    from allinone.models.asr import ASRModel, ASRModelConfig
+    from allinone.models.asr import ASRModel
     from allinone.train.config import model_kind
 
     opts = None
@@ -195,19 +195,42 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     if opts is not None and opts.extractor_bits != FLOAT_BITS:
         raise ValueError("supernet.extractor_bits is for wav2vec2 models (their CNN feature extractor); "
                          "a Conformer's front end stays float")
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
-    model_cfg["vocab_size"] = vocab_size
-    model_cfg.setdefault("encoder", {})
-    model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
-    if opts is not None and opts.quant is not None:
-        model_cfg["quant"] = dict(opts.quant)
-    model = ASRModel(ASRModelConfig.from_dict(model_cfg))
+    model = ASRModel(conformer_config(cfg, vocab_size, opts))
     model.set_normalize_stats(cmvn_stats)
     if opts is not None:
         from allinone.elastic.supernet import init_supernet
 
         init_supernet(model, opts.space, opts.init_from, opts.reorder)
     return model
+
+
+def conformer_config(cfg: ExperimentConfig, vocab_size: int, opts=None):
+    """The ``ASRModelConfig`` of ``cfg``'s Conformer model (``opts``: its ``SupernetOptions``)."""
+    from allinone.models.asr import ASRModelConfig
+
+    model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
+    model_cfg["vocab_size"] = vocab_size
+    model_cfg.setdefault("encoder", {})
+    model_cfg["encoder"] = {**model_cfg["encoder"], "input_size": cfg.data.fbank.n_mels}
+    if opts is not None and opts.quant is not None:
+        model_cfg["quant"] = dict(opts.quant)
+    return ASRModelConfig.from_dict(model_cfg)
+
+
+def check_model_config(cfg: ExperimentConfig) -> None:
+    """Raise the ``ValueError`` a bad model or supernet section would, without data or weights:
+    the Conformer is built on the meta device (shapes only) with a stand-in vocabulary."""
+    from allinone.models.asr import ASRModel
+    from allinone.train.config import model_kind
+
+    opts = None
+    if cfg.supernet:
+        from allinone.train.strategies import SupernetOptions
+
+        opts = SupernetOptions.from_dict(dict(cfg.supernet))
+    if model_kind(cfg.model) != "wav2vec2":
+        with torch.device("meta"):
+            ASRModel(conformer_config(cfg, 3, opts))  # 3: blank, one symbol, <sos/eos>
 
 
 def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
@@ -468,6 +491,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         if cfg.train.compile not in list_backends(exclude_tags=()):
             raise ValueError(f"train.compile={cfg.train.compile!r} is not a torch.compile backend; "
                              f"known: {', '.join(list_backends(exclude_tags=()))}")
+    check_model_config(cfg)
     exp_dir = Path(cfg.exp_dir)
     rank, world, _ = dist_info()
     device = pick_device(cfg.train.device)
