@@ -298,12 +298,6 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     missing = [str(d) for d in data_dirs if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"data directories not found: {', '.join(missing)}")
-    if opts.front_end_calib and opts.latency:
-        if not Path(opts.front_end_calib).is_dir():
-            raise ValueError(f"front-end calibration data directory not found: {opts.front_end_calib}")
-        if not hasattr(getattr(model.encoder, "embed", None), "conv") or opts.front_end_calib_utts < 1:
-            raise ValueError("an 8-bit front end (cpu-int8-fe) needs a Conformer model with a Conv2d front end "
-                             "and at least one calibration utterance")
     from allinone.eval.decode import DecodeOptions
 
     DecodeOptions(beam=opts.beam, device=opts.device)  # checks the beam and the device
@@ -311,6 +305,18 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         raise ValueError(f"output directory {out_dir} is an existing file")
     if opts.threads is not None and opts.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {opts.threads}")
+    ranges = None
+    if opts.front_end_calib and opts.latency:  # once: every subnet shares the supernet's front end
+        from allinone.data.dataset import extract_features
+        from allinone.data.kaldi import read_data_dir
+        from allinone.eval.latency import front_end_ranges
+
+        if not Path(opts.front_end_calib).is_dir():
+            raise ValueError(f"front-end calibration data directory not found: {opts.front_end_calib}")
+        calib_utts = sorted(read_data_dir(opts.front_end_calib), key=lambda u: u.utt_id)[: opts.front_end_calib_utts]
+        # (raises for a model without the Conformer's Conv2d front end, or no utterance)
+        ranges = front_end_ranges(model, list(extract_features(calib_utts, loaded.fbank, opts.num_workers,
+                                                               progress=False).values()))
 
     ref_name = space.format(reference)
     systems = [(ref_name, reference)] + [(space.format(s), s) for s in subnets if s != reference]
@@ -320,15 +326,6 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
                  for p, n in zip(paths, _unique_names(paths))]
     first = test_sets[0]
     latency_feats = [first.feats[u] for u in sorted(first.refs)[: opts.latency_utts]]
-    ranges = None
-    if opts.front_end_calib and opts.latency:  # once: every subnet shares the supernet's front end
-        from allinone.data.dataset import extract_features
-        from allinone.data.kaldi import read_data_dir
-        from allinone.eval.latency import front_end_ranges
-
-        calib_utts = sorted(read_data_dir(opts.front_end_calib), key=lambda u: u.utt_id)[: opts.front_end_calib_utts]
-        ranges = front_end_ranges(model, list(extract_features(calib_utts, loaded.fbank, opts.num_workers,
-                                                               progress=False).values()))
     dec_model = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
     settings = _settings(model_dir, test_sets, opts)
 

@@ -136,17 +136,18 @@ class _Int8RoutedWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.nn.functional.linear, torch.nn.functional.conv1d) and len(args) >= 2 \
-                and isinstance(args[1], cls) and not isinstance(args[0], cls):
-            w = args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if bias is w._bias and func is torch.nn.functional.linear:
-                return w._int8(args[0])
+        own_call = (func in (torch.nn.functional.linear, torch.nn.functional.conv1d) and len(args) >= 2
+                    and isinstance(args[1], cls) and not isinstance(args[0], cls)
+                    and (args[2] if len(args) > 2 else kwargs.get("bias")) is args[1]._bias)
+        if own_call:
+            x, w = args[0], args[1]
+            if func is torch.nn.functional.linear:
+                return w._int8(x)
             # a pointwise convolution of a batch [B, C, T] is a Linear over channels: routed
             # when called as the Conformer calls it, F.conv1d(x, weight, bias) (anything
             # else, e.g. an explicit stride or padding, stays on the float kernel)
-            if bias is w._bias and args[0].dim() == 3 and len(args) <= 3 and not kwargs.keys() - {"bias"}:
-                return w._int8(args[0].transpose(1, 2)).transpose(1, 2)
+            if x.dim() == 3 and len(args) <= 3 and not kwargs.keys() - {"bias"}:
+                return w._int8(x.transpose(1, 2)).transpose(1, 2)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 

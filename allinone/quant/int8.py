@@ -69,6 +69,32 @@ def int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor,
     return y + bias.float() if bias is not None else y
 
 
+def _register_codes(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    layout: str) -> None:
+    """Check 8-bit weight codes (``layout``, e.g. ``[out, in]``) and their scale (one per output
+    channel, or one for all); register them and the bias as ``module``'s buffers."""
+    name = type(module).__name__
+    if codes.dim() != layout.count(",") + 1 or codes.dtype != torch.int8:
+        raise ValueError(f"{name} needs int8 codes {layout}, got {codes.dtype} {tuple(codes.shape)}")
+    if int(codes.abs().max()) > 127:  # -128 has no symmetric counterpart
+        raise ValueError(f"{name} codes must lie in [-127, 127]")
+    out_ch = codes.shape[0]
+    scale = scale.detach().float().reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(out_ch)
+    if scale.numel() != out_ch:
+        raise ValueError(f"scale has {scale.numel()} values for {out_ch} output channels")
+    module.register_buffer("codes", codes.detach().clone())
+    module.register_buffer("scale", scale.clone().contiguous())
+    module.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+
+def _per_channel_qweight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The codes as torch's per-channel qint8 tensor (zero points 0), what the prepack ops take."""
+    return torch._make_per_channel_quantized_tensor(codes.cpu(), scale.cpu().double(),
+                                                    torch.zeros(len(scale), dtype=torch.long), 0)
+
+
 class Int8Linear(nn.Module):
     """A Linear layer whose weight is 8-bit codes with one float scale per output channel.
 
@@ -80,22 +106,11 @@ class Int8Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  backend: str = "auto"):
         super().__init__()
-        if codes.dim() != 2 or codes.dtype != torch.int8:
-            raise ValueError(f"Int8Linear needs int8 codes [out, in], got {codes.dtype} {tuple(codes.shape)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown int8 backend {backend!r}; expected one of {BACKENDS}")
-        if int(codes.abs().max()) > 127:  # -128 has no symmetric counterpart
-            raise ValueError("Int8Linear codes must lie in [-127, 127]")
-        out_features, in_features = codes.shape
-        scale = scale.detach().float().reshape(-1)
-        if scale.numel() == 1:
-            scale = scale.expand(out_features)
-        if scale.numel() != out_features:
-            raise ValueError(f"scale has {scale.numel()} values for {out_features} output channels")
-        self.in_features, self.out_features, self.backend = in_features, out_features, backend
-        self.register_buffer("codes", codes.detach().clone())
-        self.register_buffer("scale", scale.clone().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        _register_codes(self, codes, scale, bias, "[out, in]")
+        self.out_features, self.in_features = codes.shape
+        self.backend = backend
         self._prepacked = None  # (key, fbgemm packed params), rebuilt when the buffers change
 
     @classmethod
@@ -119,11 +134,9 @@ class Int8Linear(nn.Module):
         key = (self.codes.data_ptr(), self.scale.data_ptr(),
                None if self.bias is None else self.bias.data_ptr())
         if self._prepacked is None or self._prepacked[0] != key:
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.codes.cpu(), self.scale.cpu().double(),
-                torch.zeros(self.out_features, dtype=torch.long), 0)
             bias = None if self.bias is None else self.bias.cpu()
-            self._prepacked = (key, torch.ops.quantized.linear_prepack(qweight, bias))
+            self._prepacked = (key, torch.ops.quantized.linear_prepack(_per_channel_qweight(self.codes, self.scale),
+                                                                       bias))
         return self._prepacked[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,24 +174,12 @@ class Int8Conv2dReLU(nn.Module):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  stride: int | tuple[int, int], output_max: float):
         super().__init__()
-        if codes.dim() != 4 or codes.dtype != torch.int8:
-            raise ValueError(f"Int8Conv2dReLU needs int8 codes [out, in, kh, kw], got {codes.dtype} {tuple(codes.shape)}")
-        if int(codes.abs().max()) > 127:
-            raise ValueError("Int8Conv2dReLU codes must lie in [-127, 127]")
         if not output_max > 0:
             raise ValueError(f"output_max must be positive, got {output_max}")
-        out_ch = codes.shape[0]
-        scale = scale.detach().float().reshape(-1)
-        if scale.numel() == 1:
-            scale = scale.expand(out_ch)
-        if scale.numel() != out_ch:
-            raise ValueError(f"scale has {scale.numel()} values for {out_ch} output channels")
+        _register_codes(self, codes, scale, bias, "[out, in, kh, kw]")
         self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
         self.output_max = float(output_max)
         self.quantized_output = False
-        self.register_buffer("codes", codes.detach().clone())
-        self.register_buffer("scale", scale.clone().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._prepacked = None  # (key, packed params), rebuilt when the buffers change
 
     @classmethod
@@ -197,9 +198,8 @@ class Int8Conv2dReLU(nn.Module):
         key = (self.codes.data_ptr(), self.scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
                torch.backends.quantized.engine)
         if self._prepacked is None or self._prepacked[0] != key:
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.codes.cpu(), self.scale.cpu().double(), torch.zeros(len(self.scale), dtype=torch.long), 0)
-            packed = torch.ops.quantized.conv2d_prepack(qweight, self.bias, list(self.stride), [0, 0], [1, 1], 1)
+            packed = torch.ops.quantized.conv2d_prepack(_per_channel_qweight(self.codes, self.scale), self.bias,
+                                                        list(self.stride), [0, 0], [1, 1], 1)
             self._prepacked = (key, packed)
         return self._prepacked[1]
 

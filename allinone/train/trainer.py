@@ -185,16 +185,9 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     from allinone.models.asr import ASRModel
     from allinone.train.config import model_kind
 
-    opts = None
-    if cfg.supernet:
-        from allinone.train.strategies import SupernetOptions
-
-        opts = SupernetOptions.from_dict(dict(cfg.supernet))
+    opts = supernet_options(cfg)
     if model_kind(cfg.model) == "wav2vec2":
         return build_wav2vec2(cfg, vocab_size, opts)
-    if opts is not None and opts.extractor_bits != FLOAT_BITS:
-        raise ValueError("supernet.extractor_bits is for wav2vec2 models (their CNN feature extractor); "
-                         "a Conformer's front end stays float")
     model = ASRModel(conformer_config(cfg, vocab_size, opts))
     model.set_normalize_stats(cmvn_stats)
     if opts is not None:
@@ -204,10 +197,22 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, cmvn_stats):
     return model
 
 
+def supernet_options(cfg: ExperimentConfig):
+    """The checked ``SupernetOptions`` of ``cfg``'s supernet section, or None without one."""
+    if not cfg.supernet:
+        return None
+    from allinone.train.strategies import SupernetOptions
+
+    return SupernetOptions.from_dict(dict(cfg.supernet))
+
+
 def conformer_config(cfg: ExperimentConfig, vocab_size: int, opts=None):
     """The ``ASRModelConfig`` of ``cfg``'s Conformer model (``opts``: its ``SupernetOptions``)."""
     from allinone.models.asr import ASRModelConfig
 
+    if opts is not None and opts.extractor_bits != FLOAT_BITS:
+        raise ValueError("supernet.extractor_bits is for wav2vec2 models (their CNN feature extractor); "
+                         "a Conformer's front end stays float")
     model_cfg = {k: v for k, v in cfg.model.items() if k != "kind"}
     model_cfg["vocab_size"] = vocab_size
     model_cfg.setdefault("encoder", {})
@@ -223,11 +228,7 @@ def check_model_config(cfg: ExperimentConfig) -> None:
     from allinone.models.asr import ASRModel
     from allinone.train.config import model_kind
 
-    opts = None
-    if cfg.supernet:
-        from allinone.train.strategies import SupernetOptions
-
-        opts = SupernetOptions.from_dict(dict(cfg.supernet))
+    opts = supernet_options(cfg)
     if model_kind(cfg.model) != "wav2vec2":
         with torch.device("meta"):
             ASRModel(conformer_config(cfg, 3, opts))  # 3: blank, one symbol, <sos/eos>
