@@ -149,6 +149,7 @@ def cmd_bench(args) -> None:
           f"report.md, pareto.png ({res['resumed_systems']} resumed)")
     print(f"lossless compression ratio: {res['lossless_compression_ratio']:.2f}x ({res['lossless_system']}; "
           f"reference {res['reference']}, MAPSSWE alpha {res['alpha']})")
+    _warn_reference(res)
 
 
 def cmd_compare(args) -> None:
@@ -164,6 +165,12 @@ def cmd_compare(args) -> None:
     for method, best in res["lossless"].items():
         print(f"lossless compression ratio of {method}: "
               + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+    _warn_reference(res)
+
+
+def _warn_reference(results: dict) -> None:
+    if results.get("reference_warning"):
+        print(f"warning: {results['reference_warning']}", file=sys.stderr)
 
 
 def cmd_search(args) -> None:

@@ -22,11 +22,12 @@ SMALL_SPACE = dict(depth=[4, 2], ffn=[48, 24], heads=[4, 2], bits=[32, 8, 2], nu
 
 
 def make_supernet_dir(out: Path, space: dict | None = None, seed: int = 5, train_steps: int = 0,
-                      data_dir: Path | None = None) -> Path:
+                      data_dir: Path | None = None, mute: bool = False) -> Path:
     """Save ``tiny_supernet`` (40 mel bins, d=32, 4 blocks) with ``space`` as a model dir.
 
     train_steps > 0: a few Adam steps of the full float model on ``data_dir`` first, so that
-    subnets differ in more than noise.
+    subnets differ in more than noise. mute: a CTC blank bias so large that every subnet
+    decodes to nothing (an untrained model stuck at the blank, as real ones start).
     """
     model = tiny_supernet(seed=seed)
     model.search_space = SearchSpace(**(space or SMALL_SPACE)).for_model(model.config)
@@ -46,6 +47,9 @@ def make_supernet_dir(out: Path, space: dict | None = None, seed: int = 5, train
             opt.zero_grad()
             loss.backward()
             opt.step()
+    if mute:
+        with torch.no_grad():
+            model.ctc.ctc_lo.bias[0] = 1e4
     model.eval()
     return save_model_dir(out, model, fbank, tok)
 

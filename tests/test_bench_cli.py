@@ -17,7 +17,7 @@ from allinone.eval.bench import BenchOptions, read_hyps, resolve_grid, run_bench
 from allinone.eval.decode import DecodeOptions, decode_data_dir
 from allinone.eval.latency import int8_model
 from allinone.eval.mapsswe import mapsswe
-from allinone.eval.report import LATENCY_FIELDS, csv_value, pareto_front
+from allinone.eval.report import LATENCY_FIELDS, csv_value, pareto_front, reference_warning
 from allinone.models.saved import PACKED_WEIGHTS, load_model_dir
 from allinone.quant.packed_file import describe_packed, load_packed
 
@@ -67,6 +67,31 @@ def test_every_output_file(setup):
     assert f"Lossless compression ratio: {res['lossless_compression_ratio']:.2f}x" in report
     assert f"allinone bench {setup['model']} --grid {setup['grid']}" in report
     assert f"torch {torch.__version__}" in report and "Best system per size bracket" in report
+
+
+def test_reference_that_recognises_nothing_is_flagged(setup, tmp_path, capsys):
+    # A model that decodes to nothing ties every system at 100% WER: all come out "lossless".
+    # bench must say that its lossless ratio then means nothing (stderr, results, both reports).
+    model = make_supernet_dir(tmp_path / "mute", mute=True)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(["L2_F24_H2_B2"]))
+    out = tmp_path / "out"
+    assert main(["bench", str(model), "--grid", str(grid), "--data", str(setup["data"][1]), "--out", str(out),
+                 "--threads", "1", "--no-latency", "--num-workers", "1"]) == 0
+    err = capsys.readouterr().err
+    res = _results(out)
+    assert all(s["pooled_wer"] == 100.0 and s["lossless"] for s in res["systems"])
+    assert res["reference_warning"].startswith("the reference recognises no word of test_b")
+    assert f"warning: {res['reference_warning']}" in err
+    for f in ("results.md", "report.md"):
+        assert f"**Warning:** {res['reference_warning']}." in (out / f).read_text()
+
+
+def test_reference_warning_needs_a_set_without_a_correct_word():
+    assert reference_warning({"a": {"words": 10, "sub": 2, "del": 7}, "b": {"words": 5, "sub": 0, "del": 4}}) is None
+    warning = reference_warning({"a": {"words": 10, "sub": 3, "del": 7}, "b": {"words": 5, "sub": 0, "del": 4}})
+    assert warning.startswith("the reference recognises no word of a (")
+    assert reference_warning({"a": {"words": 0, "sub": 0, "del": 0}}) is None  # no words: nothing to recognise
 
 
 def test_reference_row_and_significance(setup):

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from allinone.data.features import FbankConfig
 from allinone.data.kaldi import read_data_dir
@@ -16,6 +17,7 @@ from allinone.eval.bench import read_hyps
 from allinone.eval.compare import (compare_runs, format_markdown, format_nested, lossless_ratios, nested_twins,
                                     parse_run)
 from allinone.eval.mapsswe import mapsswe
+from allinone.eval.report import reference_warning
 from allinone.eval.wer import score
 from allinone.models.saved import PACKED_WEIGHTS, save_model_dir
 from allinone.quant.packed_file import load_packed
@@ -87,6 +89,27 @@ def test_each_system_is_its_allocation_decoded_and_tested(setup):
     md = (out / "results.md").read_text()
     assert md == format_markdown(json.loads((out / "results.json").read_text()))
     assert "| uniform | b8 | L4_F48_H4_B8 | 8.00 |" in md
+
+
+def test_reference_that_recognises_nothing_is_flagged(setup, tmp_path, capsys):
+    from allinone.cli import main
+
+    model = tiny_supernet(seed=3).eval()
+    with torch.no_grad():
+        model.ctc.ctc_lo.bias[0] = 1e4  # decodes to nothing, like a model stuck at the blank
+    tok = CharTokenizer(["<blank>", "<unk>"] + list("abcdefghi") + ["<sos/eos>"])
+    mute = save_model_dir(tmp_path / "mute", model, FbankConfig(n_mels=40), tok)
+    out = tmp_path / "out"
+    assert main(["compare", str(mute), setup["runs"][0], "--data", str(setup["data"]), "--out", str(out),
+                 "--num-workers", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["reference_wer"]["test"] == 100.0
+    assert res["reference_warning"].startswith("the reference recognises no word of test (")
+    assert f"warning: {res['reference_warning']}" in capsys.readouterr().err
+    assert f"**Warning:** {res['reference_warning']}." in (out / "results.md").read_text()
+    # the setup's reference: the warning follows its own decode
+    ref_wer = json.loads((setup["out"] / "reference" / "test" / "wer.json").read_text())
+    assert setup["results"]["reference_warning"] == reference_warning({"test": ref_wer})
 
 
 def test_lossless_ratio_is_the_largest_not_worse_system():

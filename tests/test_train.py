@@ -123,12 +123,25 @@ def test_best_epochs_ranks_by_the_chosen_measure():
                {"epoch": 3, "valid_loss": 2.5, "valid_wer": 70.0},
                {"epoch": 4, "valid_loss": 2.6, "valid_wer": 70.0}]
     assert [h["epoch"] for h in best_epochs(history, 2)] == [2, 3]
-    assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [3, 4]  # tie: earlier first
+    assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [3, 4]  # tie: the lower loss first
     assert [h["epoch"] for h in best_epochs(history, 1, "valid_wer")] == [3]
+    history[3]["valid_loss"] = 2.4
+    assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [4, 3]
+    history[3]["valid_loss"] = 2.5
+    assert [h["epoch"] for h in best_epochs(history, 2, "valid_wer")] == [3, 4]  # then: the earlier epoch
     history[2]["valid_wer"] = math.nan  # undefined (references without words): ranked last
     assert [h["epoch"] for h in best_epochs(history, 4, "valid_wer")] == [4, 2, 1, 3]
     with pytest.raises(ValueError, match="valid_cer.*select_by"):
         best_epochs(history, 1, "valid_cer")
+
+
+def test_best_epochs_of_a_model_that_recognises_nothing_yet_follow_the_loss():
+    # A run whose every epoch decodes to nothing (100% WER, as a from-scratch wav2vec2 after
+    # 3.5 GPU minutes): the average must take the epochs that learned most, not the first ones.
+    losses = [103.0, 88.0, 87.0, 85.0, 86.0, 84.0]
+    history = [{"epoch": i + 1, "valid_loss": v, "valid_wer": 100.0, "valid_cer": 100.0} for i, v in enumerate(losses)]
+    assert [h["epoch"] for h in best_epochs(history, 3, "valid_wer")] == [6, 4, 5]
+    assert [h["epoch"] for h in best_epochs(history, 3, "valid_cer")] == [6, 4, 5]
 
 
 def test_select_by_picks_the_averaged_epochs(digits, tmp_path):

@@ -181,6 +181,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     from allinone.data.kaldi import read_data_dir
     from allinone.elastic.extract import extract_to_dirs, extracted_size
     from allinone.eval.mapsswe import mapsswe
+    from allinone.eval.report import reference_warning
     from allinone.models.saved import PACKED_WEIGHTS, load_model_dir
     from allinone.quant.packed_file import load_packed
 
@@ -249,7 +250,8 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
                                      reference=({n: d["hyps"] for n, d in ref_dec.items()}, ref_fp32))
     results = {
         "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, "beam": beam,
-        "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()}, "systems": rows,
+        "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()},
+        "reference_warning": reference_warning({n: d["wer"] for n, d in ref_dec.items()}), "systems": rows,
         "lossless": {m: (None if r is None else {"label": r["label"], "subnet": r["subnet"],
                                                  "ratio_vs_ref": r["ratio_vs_ref"]}) for m, r in best.items()},
     }
@@ -289,6 +291,8 @@ def format_markdown(results: dict) -> str:
     for method, best in results["lossless"].items():
         lines.append(f"- {method}: " + ("none of its systems is lossless" if best is None else
                                         f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+    if results.get("reference_warning"):
+        lines += ["", f"**Warning:** {results['reference_warning']}."]
     if "nested" in results:
         lines += ["", *format_nested(results["nested"], sets)]
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ import torch
 from allinone.utils import atomic_open
 
 __all__ = ["build_results", "write_outputs", "pareto_front", "size_brackets", "ROW_FIELDS",
-           "csv_value", "provenance"]
+           "csv_value", "provenance", "reference_warning"]
 
 MIB = 2 ** 20
 
@@ -71,6 +71,22 @@ def provenance(command: str | None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu},
     }
+
+
+def reference_warning(wer_of_set: dict[str, dict]) -> str | None:
+    """Why the significance test cannot judge compression against this reference, or None.
+
+    wer_of_set: test set name -> the reference's ``wer.json`` counts (``words``, ``sub``,
+    ``del``). A reference that gets no word of a test set right (an untrained model that
+    outputs nothing: every word deleted) cannot be beaten at losing words, so every system
+    comes out "lossless" and the lossless compression ratio is just the smallest system's.
+    """
+    blind = [name for name, w in wer_of_set.items() if w["words"] and w["sub"] + w["del"] >= w["words"]]
+    if not blind:
+        return None
+    return (f"the reference recognises no word of {', '.join(blind)} (every reference word substituted or "
+            "deleted): no system can be significantly worse by losing words, so 'lossless' and the lossless "
+            "compression ratio say nothing about the compression; train the reference model further")
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -163,6 +179,7 @@ def build_results(systems: list[dict], significance: dict, reference: str, test_
         "backends": backends,
         "lossless_compression_ratio": best["ratio_vs_ref"],
         "lossless_system": best["system"],
+        "reference_warning": reference_warning(ref_record["wer"]),
         "pareto_front": pareto_front([(s["system"], s["packed_bytes"], s["pooled_wer"]) for s in out_systems]),
         "size_brackets": size_brackets(out_systems, ref_bytes),
         "systems": out_systems,
@@ -236,7 +253,12 @@ def _results_md(results: dict) -> str:
         + results_table(results)
         + f"\nLossless compression ratio: **{results['lossless_compression_ratio']:.2f}x** "
           f"({results['lossless_system']}).\n"
+        + _warning_md(results)
     )
+
+
+def _warning_md(results: dict) -> str:
+    return f"\n**Warning:** {results['reference_warning']}.\n" if results.get("reference_warning") else ""
 
 
 def plot_pareto(results: dict, path: Path) -> None:
@@ -302,7 +324,7 @@ def _report_md(results: dict) -> str:
         f"{results['reference']} ({results['reference_fp32_bytes'] / MIB:.3f} MiB fp32, "
         f"pooled WER {ref['pooled_wer']:.2f}%) among the {n_lossless} of {len(results['systems'])} systems "
         f"that no test set finds significantly worse (MAPSSWE, alpha = {results['alpha']}).",
-        "",
+        _warning_md(results),
         "## Best system per size bracket",
         "",
         "| packed size <= | best system | packed MiB | ratio vs ref | WER (pooled) | lossless |",

@@ -702,13 +702,22 @@ def front_end_config(cfg: ExperimentConfig):
 
 
 def best_epochs(history: list[dict], keep: int, key: str = "valid_loss") -> list[dict]:
-    """The ``keep`` history entries with the lowest ``key`` (ties: the earlier epoch)."""
+    """The ``keep`` history entries with the lowest ``key``.
+
+    Ties are broken by the lower validation loss, then the earlier epoch: a model that does
+    not recognise anything yet scores 100% WER every epoch, and of those the loss still
+    tells which epochs learned most (the earliest would be the worst).
+    """
     missing = [h["epoch"] for h in history if key not in h]
     if missing:
         raise ValueError(f"epochs {missing} of this run have no {key!r} to be ranked by "
                          "(resumed from a run that did not record it?): choose another train.select_by")
     # NaN (an undefined rate) ranks last.
-    return sorted(history, key=lambda h: (math.isnan(h[key]), h[key], h["epoch"]))[:keep]
+    def rank(h: dict) -> tuple:
+        loss = h.get("valid_loss", math.inf)
+        return math.isnan(h[key]), h[key], math.isnan(loss), loss, h["epoch"]
+
+    return sorted(history, key=rank)[:keep]
 
 
 def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int, key: str = "valid_loss") -> None:
