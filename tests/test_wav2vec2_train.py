@@ -241,3 +241,22 @@ def test_config_errors(digits, tmp_path):
     cfg.model = {"kind": "transducer"}
     with pytest.raises(ValueError, match="model.kind='transducer'"):
         build_model(cfg, 5, None)
+
+
+def test_wav2vec2_section_errors_before_any_data(digits, tmp_path):
+    """A bad model.wav2vec2 section stops `train` before data preparation and before exp_dir."""
+    from allinone.train.trainer import check_model_config
+
+    cases = [({"wav2vec2": {**TINY_W2V, "encoder_num_layerz": 2}}, r"unknown Wav2Vec2Config fields: \['encoder_num_layerz'\]"),
+             ({"wav2vec2": {**TINY_W2V, "vocab_size": 9}}, "vocab_size is set by the tokenizer"),
+             ({"init_from": str(tmp_path / "nope")}, r"model.init_from .*nope: not found"),
+             ({"init_from": str(tmp_path), "wav2vec2": {"encoder_num_layers": 2}},
+              r"with model.init_from the architecture is the checkpoint's")]
+    for i, (model, message) in enumerate(cases):
+        exp = tmp_path / f"exp{i}"
+        cfg = w2v_config(digits, exp, model)
+        cfg.data.feat_cache_dir = str(tmp_path / f"cache{i}")
+        with pytest.raises(ValueError, match=message):
+            train(cfg)
+        assert not exp.exists() and not (tmp_path / f"cache{i}").exists()
+    check_model_config(w2v_config(digits, tmp_path / "ok", {"wav2vec2": TINY_W2V}))  # a good one passes

@@ -232,6 +232,56 @@ def check_model_config(cfg: ExperimentConfig) -> None:
     if model_kind(cfg.model) != "wav2vec2":
         with torch.device("meta"):
             ASRModel(conformer_config(cfg, 3, opts))  # 3: blank, one symbol, <sos/eos>
+        return
+    from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
+
+    section, fields, supernet_fields = wav2vec2_fields(cfg, opts)
+    if section.init_from is None:
+        with torch.device("meta"):
+            Wav2Vec2CTCModel(Wav2Vec2Config.from_dict({**fields, "vocab_size": 3, **supernet_fields}))
+    elif not Path(section.init_from).exists():
+        raise ValueError(f"model.init_from {section.init_from}: not found (a Hugging Face directory or a "
+                         "fairseq checkpoint file)")
+
+
+def wav2vec2_fields(cfg: ExperimentConfig, opts=None) -> tuple:
+    """(``model`` section, ``model.wav2vec2`` fields, supernet fields) of a wav2vec2 run, checked.
+
+    The supernet fields are ``quant`` / ``extractor_bits`` from ``opts`` (a supernet section's
+    ``SupernetOptions``; {} without one). With ``model.init_from`` the fields may only be
+    training-time settings (dropouts, layer drop, masking): the architecture is the checkpoint's.
+    """
+    import dataclasses
+
+    from allinone.elastic.quant import QuantConfig
+    from allinone.models.wav2vec2 import Wav2Vec2Config
+    from allinone.train.config import wav2vec2_section
+
+    section = wav2vec2_section(cfg.model)
+    fields = dict(section.wav2vec2)
+    if "vocab_size" in fields:
+        raise ValueError("model.wav2vec2.vocab_size is set by the tokenizer; remove it")
+    if opts is not None and ("quant" in fields or "extractor_bits" in fields):
+        raise ValueError("a wav2vec2 supernet takes quant and extractor_bits from the supernet section "
+                         "(supernet.quant, supernet.extractor_bits), not from model.wav2vec2")
+    supernet_fields: dict = {}
+    if opts is not None:
+        if opts.init_from and section.init_from:
+            raise ValueError("model.init_from and supernet.init_from both given: start the supernet from one")
+        supernet_fields = {"quant": QuantConfig.from_dict(dict(opts.quant)) if opts.quant is not None else None,
+                           "extractor_bits": int(opts.extractor_bits)}
+    if section.init_from is not None:
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Wav2Vec2Config)})
+        if unknown:
+            raise ValueError(f"unknown Wav2Vec2Config fields: {unknown}")
+        # Only training-time settings may differ from the checkpoint's architecture.
+        tunable = ("encoder_layer_drop", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
+                   "mask_feature_prob", "mask_feature_length", "mask_feature_min_masks")
+        not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k in tunable))
+        if not_tunable:
+            raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
+                             f"checkpoint's; only *_dropout and {', '.join(tunable)} can be set")
+    return section, fields, supernet_fields
 
 
 def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
@@ -248,37 +298,13 @@ def build_wav2vec2(cfg: ExperimentConfig, vocab_size: int, opts=None):
     """
     import dataclasses
 
-    from allinone.elastic.quant import QuantConfig
     from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
-    from allinone.train.config import wav2vec2_section
 
-    section = wav2vec2_section(cfg.model)
-    fields = dict(section.wav2vec2)
-    if "vocab_size" in fields:
-        raise ValueError("model.wav2vec2.vocab_size is set by the tokenizer; remove it")
-    if opts is not None and ("quant" in fields or "extractor_bits" in fields):
-        raise ValueError("a wav2vec2 supernet takes quant and extractor_bits from the supernet section "
-                         "(supernet.quant, supernet.extractor_bits), not from model.wav2vec2")
-    supernet_fields: dict = {}
-    if opts is not None:
-        if opts.init_from and section.init_from:
-            raise ValueError("model.init_from and supernet.init_from both given: start the supernet from one")
-        supernet_fields = {"quant": QuantConfig.from_dict(dict(opts.quant)) if opts.quant is not None else None,
-                           "extractor_bits": int(opts.extractor_bits)}
+    section, fields, supernet_fields = wav2vec2_fields(cfg, opts)
     if section.init_from is None:
         model = Wav2Vec2CTCModel(Wav2Vec2Config.from_dict({**fields, "vocab_size": vocab_size,
                                                            **supernet_fields}))
     else:
-        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Wav2Vec2Config)})
-        if unknown:
-            raise ValueError(f"unknown Wav2Vec2Config fields: {unknown}")
-        # Only training-time settings may differ from the checkpoint's architecture.
-        tunable = ("encoder_layer_drop", "mask_time_prob", "mask_time_length", "mask_time_min_masks",
-                   "mask_feature_prob", "mask_feature_length", "mask_feature_min_masks")
-        not_tunable = sorted(k for k in fields if not (k.endswith("_dropout") or k in tunable))
-        if not_tunable:
-            raise ValueError(f"model.wav2vec2 {not_tunable}: with model.init_from the architecture is the "
-                             f"checkpoint's; only *_dropout and {', '.join(tunable)} can be set")
         source, info = load_pretrained_wav2vec2(section.init_from, vocab_size, section.trust_pickle,
                                                 fields.get("mask_time_prob"))
         model = Wav2Vec2CTCModel(dataclasses.replace(source.config, vocab_size=vocab_size, **fields,
