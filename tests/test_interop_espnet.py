@@ -170,6 +170,25 @@ def test_ctc_only_and_stats_from_file(experiment, tmp_path):
         assert (ours.ctc_log_probs(enc) - ref.ctc.log_softmax(enc_ref)).abs().max().item() <= 1e-5
 
 
+def test_intermediate_ctc_experiment_keeps_its_loss(tmp_path, experiment):
+    """An experiment trained with intermediate CTC imports with it: same total loss."""
+    root, args, _ = experiment
+    args = copy.deepcopy(args)
+    args["encoder_conf"]["interctc_layer_idx"] = [1]
+    args["model_conf"]["interctc_weight"] = 0.3
+    ref = build_espnet(args)
+    write_exp(tmp_path / "exp", args, ref.state_dict())
+    ours, info = load_espnet_asr(tmp_path / "exp")
+    assert info["config"].interctc_weight == 0.3 and info["config"].encoder.interctc_layer_idx == [1]
+    speech, speech_lens = torch.randn(2, 8000), torch.tensor([8000, 5600])
+    tokens, token_lens = torch.tensor([[3, 4, 5, 6], [7, 8, -1, -1]]), torch.tensor([4, 2])
+    with torch.no_grad():
+        loss_ref, stats, _ = ref(speech, speech_lens, tokens.clone(), token_lens)
+        out = ours(*ref.frontend(speech, speech_lens), tokens, token_lens)
+    assert abs(out["loss"].item() - loss_ref.item()) <= 1e-4
+    assert abs(out["loss_interctc"].item() - stats["loss_interctc_layer1"].item()) <= 1e-4
+
+
 def test_espnet_defaults_table_matches_installed_espnet():
     from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 

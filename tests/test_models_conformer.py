@@ -177,6 +177,35 @@ def test_global_mvn_errors(tmp_path):
 # --------------------------------------------------------------------------- ASR model
 
 VOCAB = 12
+def test_intermediate_outputs_match_espnet():
+    """Intermediate CTC taps: the outputs after blocks 1 and 3 of 4, through the final norm."""
+    cfg = tiny(num_blocks=4, interctc_layer_idx=[1, 3])
+    torch.manual_seed(0)
+    ref = espnet_encoder(cfg).eval()
+    ours = ConformerEncoder(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    xs, lens = torch.randn(2, 49, cfg.input_size), torch.tensor([49, 30])
+    with torch.no_grad():
+        (want, want_inter), _, _ = ref(xs.clone(), lens)
+        got, _, got_inter = ours(xs, lens, intermediate=True)
+        assert torch.equal(ours(xs, lens)[0], got)  # the taps do not change the output
+    assert [layer for layer, _ in want_inter] == [1, 3] and len(got_inter) == 2
+    assert (got - want).abs().max().item() <= TOL
+    for (_, w), g in zip(want_inter, got_inter):
+        assert (g - w).abs().max().item() <= TOL
+    # A subnet counts its own blocks: of taps 1 and 3, a 2- or 3-block subnet has only the
+    # first (3 is past the first, and the last block of the other is its output anyway).
+    from allinone.elastic.subnet import SubnetConfig
+
+    for depth in (2, 3):
+        with torch.no_grad():
+            _, _, inter = ours(xs, lens, SubnetConfig.uniform(depth, 48, 4), intermediate=True)
+        assert len(inter) == 1 and (inter[0] - got_inter[0]).abs().max().item() <= TOL
+    for bad in ([0], [4], [1, 1], [1.5]):
+        with pytest.raises(ValueError, match="interctc_layer_idx must list distinct blocks 1..3"):
+            dataclasses.replace(cfg, interctc_layer_idx=bad).validate()
+
+
 DECODER = dict(attention_heads=2, linear_units=32, num_blocks=1, dropout_rate=0.1,
                positional_dropout_rate=0.1, self_attention_dropout_rate=0.0, src_attention_dropout_rate=0.0)
 
@@ -195,7 +224,8 @@ def espnet_asr_model(cfg: ASRModelConfig, stats_file):
         vocab_size=cfg.vocab_size, token_list=[f"t{i}" for i in range(cfg.vocab_size)], frontend=None,
         specaug=None, normalize=EspnetGlobalMVN(stats_file), preencoder=None, encoder=enc,
         postencoder=None, decoder=dec, ctc=CTC(cfg.vocab_size, cfg.encoder.output_size), joint_network=None,
-        ctc_weight=cfg.ctc_weight, lsm_weight=cfg.lsm_weight, report_cer=False, report_wer=False,
+        ctc_weight=cfg.ctc_weight, lsm_weight=cfg.lsm_weight, interctc_weight=cfg.interctc_weight,
+        report_cer=False, report_wer=False,
     )
 
 
@@ -209,11 +239,13 @@ def batch(seed=0):
     return feats, feat_lens, tokens, token_lens
 
 
-@pytest.mark.parametrize("ctc_weight", [0.3, 1.0, 0.0])
-def test_asr_losses_match_espnet(tmp_path, ctc_weight):
+@pytest.mark.parametrize("ctc_weight,interctc_weight", [(0.3, 0.0), (1.0, 0.0), (0.0, 0.0), (1.0, 0.4), (0.3, 0.5)])
+def test_asr_losses_match_espnet(tmp_path, ctc_weight, interctc_weight):
     stats = write_stats(tmp_path / "feats_stats.npz")
-    cfg = ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, ctc_weight=ctc_weight,
-                         decoder=DECODER if ctc_weight < 1.0 else None, lsm_weight=0.1)
+    enc = tiny(num_blocks=3, interctc_layer_idx=[1, 2]) if interctc_weight else tiny()
+    cfg = ASRModelConfig(encoder=enc, vocab_size=VOCAB, ctc_weight=ctc_weight,
+                         decoder=DECODER if ctc_weight < 1.0 else None, lsm_weight=0.1,
+                         interctc_weight=interctc_weight)
     torch.manual_seed(0)
     ref = espnet_asr_model(cfg, stats).eval()
     ours = ASRModel(cfg).eval()
@@ -229,6 +261,11 @@ def test_asr_losses_match_espnet(tmp_path, ctc_weight):
         assert abs(out["loss_ctc"].item() - stats_ref["loss_ctc"].item()) <= 1e-4
     else:
         assert out["loss_ctc"] is None and ours.ctc is None
+    if interctc_weight:
+        want = (stats_ref["loss_interctc_layer1"] + stats_ref["loss_interctc_layer2"]) / 2
+        assert abs(out["loss_interctc"].item() - want.item()) <= 1e-4
+    else:
+        assert out["loss_interctc"] is None
     if ctc_weight < 1:
         assert abs(out["loss_att"].item() - stats_ref["loss_att"].item()) <= 1e-4
         assert abs(out["acc"].item() - stats_ref["acc"]) <= 1e-6
@@ -238,6 +275,8 @@ def test_asr_losses_match_espnet(tmp_path, ctc_weight):
     if ctc_weight > 0:
         with torch.no_grad():
             enc_ref, lens_ref = ref.encode(feats.clone(), feat_lens)
+            if interctc_weight:
+                enc_ref = enc_ref[0]  # (ESPnet: (output, intermediate outputs))
             enc, lens = ours.encode(feats, feat_lens)
             assert torch.equal(lens, lens_ref)
             assert (enc - enc_ref).abs().max().item() <= TOL
@@ -273,19 +312,26 @@ def test_asr_config_roundtrip_and_errors():
         ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, ctc_weight=0.5, decoder={"bogus": 1}).validate()
     with pytest.raises(ValueError, match="unknown ConformerConfig field"):
         ASRModelConfig.from_dict({**d, "encoder": {**d["encoder"], "concat_after": False}})
+    with pytest.raises(ValueError, match=r"interctc_weight=0.3 needs a CTC head .*encoder.interctc_layer_idx"):
+        ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, interctc_weight=0.3).validate()
+    with pytest.raises(ValueError, match=r"interctc_weight=1.0 must be in \[0, 1\)"):
+        ASRModelConfig(encoder=tiny(interctc_layer_idx=[1]), vocab_size=VOCAB, interctc_weight=1.0).validate()
+    with_inter = ASRModelConfig(encoder=tiny(interctc_layer_idx=[1]), vocab_size=VOCAB, interctc_weight=0.3)
+    assert ASRModelConfig.from_dict(json.loads(json.dumps(with_inter.to_dict()))) == with_inter
     with pytest.raises(ValueError, match="normalize=False"):
         ASRModel(ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, normalize=False)).set_normalize_stats({})
 
 
-@pytest.mark.parametrize("ctc_weight", [1.0, 0.3])
-def test_asr_train_mode_gradients_match_espnet(tmp_path, ctc_weight):
+@pytest.mark.parametrize("ctc_weight,interctc_weight", [(1.0, 0.0), (0.3, 0.0), (1.0, 0.3)])
+def test_asr_train_mode_gradients_match_espnet(tmp_path, ctc_weight, interctc_weight):
     """Training mode (BatchNorm on batch statistics, dropout off): same loss and same
     gradient for every parameter as ESPnetASRModel, so a training run of ours is one of ESPnet's."""
     stats = write_stats(tmp_path / "feats_stats.npz")
-    enc = tiny(dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0)
+    enc = tiny(dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0,
+               interctc_layer_idx=[1] if interctc_weight else [])
     dec = {**DECODER, "dropout_rate": 0.0, "positional_dropout_rate": 0.0}
     cfg = ASRModelConfig(encoder=enc, vocab_size=VOCAB, ctc_weight=ctc_weight,
-                         decoder=dec if ctc_weight < 1.0 else None, lsm_weight=0.1)
+                         decoder=dec if ctc_weight < 1.0 else None, lsm_weight=0.1, interctc_weight=interctc_weight)
     torch.manual_seed(0)
     ref = espnet_asr_model(cfg, stats).train()
     ours = ASRModel(cfg).train()

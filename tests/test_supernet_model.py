@@ -243,3 +243,19 @@ def test_importance_ordering_keeps_outputs_and_sorts(space):
         imp = head_importance(block.self_attn)
         assert torch.all(imp[:-1] >= imp[1:])
         assert block.feed_forward.w_1.weight[:5].abs().mean() > block.feed_forward.w_1.weight[5:].abs().mean()
+
+
+def test_extracted_config_keeps_the_intermediate_ctc_taps_it_has():
+    """A supernet trained with intermediate CTC at blocks 1 and 3 of 4: a 2-block subnet keeps
+    the tap at 1 (the one it trained with), and the weight goes when no tap is left."""
+    import dataclasses
+
+    from allinone.elastic.subnet import SubnetConfig
+
+    model = tiny_supernet(interctc_layer_idx=[1, 3])
+    config = dataclasses.replace(model.config, interctc_weight=0.3).validate()
+    two = subnet_model_config(config, SubnetConfig.uniform(2, 48, 4, 8)).validate()
+    assert two.encoder.interctc_layer_idx == [1] and two.interctc_weight == 0.3
+    assert subnet_model_config(config, SubnetConfig.uniform(4, 48, 4, 8)).encoder.interctc_layer_idx == [1, 3]
+    one = subnet_model_config(config, SubnetConfig.uniform(1, 48, 4, 8)).validate()
+    assert one.encoder.interctc_layer_idx == [] and one.interctc_weight == 0.0

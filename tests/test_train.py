@@ -267,3 +267,20 @@ def test_resuming_a_run_without_error_rates_by_wer_is_refused_before_training(di
     assert not (exp / "epoch2.pt").exists()  # refused before another epoch was trained
     train(tiny_config(digits, exp, max_epochs=2, select_by="loss"), resume=True)  # by loss it goes on
     assert [h["epoch"] for h in json.loads((exp / "history.json").read_text())] == [1, 2]
+
+
+def test_intermediate_ctc_trains_and_logs_its_loss(digits, tmp_path):
+    """model.interctc_weight with encoder.interctc_layer_idx: the logged loss is ESPnet's mix of
+    the last block's CTC and the tapped block's (numerics: tests/test_models_conformer.py)."""
+    exp = tmp_path / "exp"
+    cfg = tiny_config(digits, exp, max_epochs=1, max_steps=2)
+    cfg.model = {**TINY_MODEL, "interctc_weight": 0.4,
+                 "encoder": {**TINY_MODEL["encoder"], "interctc_layer_idx": [1]}}
+    train(cfg)
+    rows = [dict(kv.split("=") for kv in line.split() if "=" in kv and kv.startswith("loss"))
+            for line in (exp / "train.log").read_text().splitlines() if " step " in line and "loss=" in line]
+    assert rows
+    for r in rows:
+        want = 0.6 * float(r["loss_ctc"]) + 0.4 * float(r["loss_interctc"])
+        assert float(r["loss"]) == pytest.approx(want, rel=2e-3, abs=2e-3)
+    assert json.loads((exp / "final" / "config.json").read_text())["model"]["encoder"]["interctc_layer_idx"] == [1]

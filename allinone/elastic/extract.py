@@ -53,8 +53,11 @@ def subnet_model_config(config: ASRModelConfig | Wav2Vec2Config,
         layer_attention_heads=None if uniform_heads else heads,
         # Keep the supernet's head width; write it only where ESPnet's rule would differ.
         head_dim=None if max(heads) * d_k == enc.output_size else d_k,
+        # Intermediate-CTC taps the subnet has (as it trains: counted along its blocks).
+        interctc_layer_idx=[i for i in enc.interctc_layer_idx if i < subnet.depth],
     )
-    return dataclasses.replace(config, encoder=new_enc, quant=None)
+    interctc_weight = config.interctc_weight if new_enc.interctc_layer_idx else 0.0
+    return dataclasses.replace(config, encoder=new_enc, quant=None, interctc_weight=interctc_weight)
 
 
 def _wav2vec2_subnet_config(config: Wav2Vec2Config, subnet: SubnetConfig) -> Wav2Vec2Config:

@@ -62,12 +62,13 @@ ESPNET_CONFORMER_DEFAULTS: dict[str, Any] = {
     "use_cnn_module": True,
     "zero_triu": False,
     "cnn_module_kernel": 31,
+    "interctc_layer_idx": [],
 }
 
 # ESPnet encoder options we have no field for, with the only value we compute.
 _ENCODER_FIXED = {"concat_after": False, "interctc_use_conditioning": False, "ctc_trim": False, "qk_norm": False}
 # Options that change training only; any value is accepted, non-defaults are noted.
-_ENCODER_TRAINING_ONLY = {"stochastic_depth_rate": 0.0, "layer_drop_rate": 0.0, "interctc_layer_idx": []}
+_ENCODER_TRAINING_ONLY = {"stochastic_depth_rate": 0.0, "layer_drop_rate": 0.0}
 # Options without effect for the configurations we accept.
 _ENCODER_IRRELEVANT = {"max_pos_emb_len", "use_flash_attn", "padding_idx", "positionwise_conv_kernel_size"}
 
@@ -214,9 +215,10 @@ def espnet_to_config(cfg: Mapping[str, Any], base_dir: str | os.PathLike | None 
     lsm_weight = float(model_conf.get("lsm_weight", 0.0))
     if int(model_conf.get("ignore_id", -1)) != -1:
         raise ValueError(f"model_conf.ignore_id={model_conf['ignore_id']} is not supported; only -1")
-    for key, default in (("length_normalized_loss", False), ("interctc_weight", 0.0)):
-        if model_conf.get(key, default) != default:
-            notes.append(f"model_conf.{key}={model_conf[key]!r} ignored (training loss only)")
+    interctc_weight = float(model_conf.get("interctc_weight", 0.0))
+    if model_conf.get("length_normalized_loss", False):
+        notes.append(f"model_conf.length_normalized_loss={model_conf['length_normalized_loss']!r} ignored "
+                     "(training loss only)")
     for key in ("aux_ctc", "transducer_multi_blank_durations"):
         if model_conf.get(key):
             raise ValueError(f"model_conf.{key} is not supported")
@@ -243,7 +245,7 @@ def espnet_to_config(cfg: Mapping[str, Any], base_dir: str | os.PathLike | None 
     try:
         config = ASRModelConfig(
             encoder=encoder_config, vocab_size=vocab_size, ctc_weight=ctc_weight,
-            decoder=decoder_conf, lsm_weight=lsm_weight, normalize=use_normalize,
+            decoder=decoder_conf, lsm_weight=lsm_weight, interctc_weight=interctc_weight, normalize=use_normalize,
         ).validate()
     except ValueError as e:
         raise ValueError(f"config maps to an invalid model: {e}") from None
@@ -533,7 +535,7 @@ def export_espnet_asr(
         "ctc_conf": {},
         "model": "espnet",
         "model_conf": {"ctc_weight": float(config.ctc_weight), "lsm_weight": float(config.lsm_weight),
-                       "length_normalized_loss": False},
+                       "interctc_weight": float(config.interctc_weight), "length_normalized_loss": False},
     }
     atomic_torch_save(state, out_dir / EXPORT_CHECKPOINT)
     with atomic_open(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:

@@ -52,6 +52,9 @@ class ASRModelConfig:
             linear_units, num_blocks, dropout_rate, positional_dropout_rate,
             self_attention_dropout_rate, src_attention_dropout_rate, ...), or None.
         lsm_weight: label smoothing of the attention loss.
+        interctc_weight: intermediate CTC (ESPnet's): the CTC term becomes
+            (1 - w) * CTC + w * mean of the CTC losses of the ``encoder.interctc_layer_idx``
+            blocks' outputs, through the same CTC head; 0 = off.
         normalize: apply ``GlobalMVN`` to the input features.
         quant: weight quantization of the supernet (``allinone.elastic.quant.QuantConfig``);
             None = a plain float model whose state dict has exactly ESPnet's keys.
@@ -62,6 +65,7 @@ class ASRModelConfig:
     ctc_weight: float = 1.0
     decoder: dict[str, Any] | None = None
     lsm_weight: float = 0.1
+    interctc_weight: float = 0.0
     normalize: bool = True
     quant: QuantConfig | None = None
 
@@ -77,6 +81,11 @@ class ASRModelConfig:
             )
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"ASRModelConfig.ctc_weight={self.ctc_weight} must be in [0, 1]")
+        if not 0.0 <= self.interctc_weight < 1.0:
+            raise ValueError(f"ASRModelConfig.interctc_weight={self.interctc_weight} must be in [0, 1)")
+        if self.interctc_weight > 0.0 and (self.ctc_weight == 0.0 or not self.encoder.interctc_layer_idx):
+            raise ValueError(f"ASRModelConfig.interctc_weight={self.interctc_weight} needs a CTC head (ctc_weight > 0) "
+                             "and the blocks to tap (encoder.interctc_layer_idx, e.g. [6])")
         if not 0.0 <= self.lsm_weight < 1.0:
             raise ValueError(f"ASRModelConfig.lsm_weight={self.lsm_weight} must be in [0, 1)")
         if self.ctc_weight < 1.0 and self.decoder is None:
@@ -252,12 +261,14 @@ class ASRModel(nn.Module):
         self.normalize.set_stats(stats)
 
     def encode(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor, subnet: SubnetConfig | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, feats: torch.Tensor, feat_lens: torch.Tensor, subnet: SubnetConfig | None = None,
+        intermediate: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Raw log-mel features [B, T, F] and lengths [B] -> (enc [B, T', D], enc_lens [B]).
 
         Frames past ``feat_lens.max()`` are dropped first, as ESPnet does.  ``subnet``:
-        the encoder subnet to run (None = the whole float encoder).
+        the encoder subnet to run (None = the whole float encoder).  ``intermediate``: a
+        third item, the intermediate-CTC block outputs (``ConformerEncoder.forward``).
         """
         if not torch.compiler.is_compiling():
             # (Under torch.compile the batch must come padded to its longest utterance, as
@@ -266,7 +277,7 @@ class ASRModel(nn.Module):
             feats = feats[:, : int(feat_lens.max())]
         if self.normalize is not None:
             feats, feat_lens = self.normalize(feats, feat_lens)
-        return self.encoder(feats, feat_lens, subnet)
+        return self.encoder(feats, feat_lens, subnet, intermediate)
 
     def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
         """enc [B, T', D] -> CTC log-probabilities [B, T', V]."""
@@ -300,25 +311,33 @@ class ASRModel(nn.Module):
                 [B] (for distillation between subnets; they must be outputs of the
                 forward so that DDP sees which parameters they used).
         Returns:
-            dict with ``loss`` (ctc_weight * CTC + (1 - ctc_weight) * attention),
-            ``loss_ctc``, ``loss_att`` and ``acc`` (attention token accuracy, detached);
-            the last three are None when their branch is off.
+            dict with ``loss`` (ctc_weight * CTC + (1 - ctc_weight) * attention, where with
+            intermediate CTC the CTC term is (1 - interctc_weight) * ``loss_ctc`` +
+            interctc_weight * ``loss_interctc``, as ESPnet), ``loss_ctc`` (the last block's),
+            ``loss_interctc`` (mean over the tapped blocks), ``loss_att`` and ``acc``
+            (attention token accuracy, detached); the last four are None when their branch is off.
         """
         if not torch.compiler.is_compiling():  # (see encode)
             tokens = tokens[:, : int(token_lens.max())]
-        enc, enc_lens = self.encode(feats, feat_lens, subnet)
+        w_inter = self.config.interctc_weight
+        enc, enc_lens, *inter = self.encode(feats, feat_lens, subnet, intermediate=w_inter > 0.0)
         w = self.config.ctc_weight
         loss_ctc = self.ctc.loss(enc, enc_lens, tokens, token_lens) if w > 0.0 else None
+        ctc_term, loss_interctc = loss_ctc, None
+        if inter and inter[0]:  # (a subnet shallower than every tapped block has none)
+            losses = [self.ctc.loss(h, enc_lens, tokens, token_lens) for h in inter[0]]
+            loss_interctc = sum(losses) / len(losses)
+            ctc_term = (1.0 - w_inter) * loss_ctc + w_inter * loss_interctc
         loss_att = acc = None
         if w < 1.0:
             loss_att, acc = self.attention_loss(enc, enc_lens, tokens, token_lens)
         if loss_att is None:
-            loss = loss_ctc
-        elif loss_ctc is None:
+            loss = ctc_term
+        elif ctc_term is None:
             loss = loss_att
         else:
-            loss = w * loss_ctc + (1.0 - w) * loss_att
-        out = {"loss": loss, "loss_ctc": loss_ctc, "loss_att": loss_att, "acc": acc}
+            loss = w * ctc_term + (1.0 - w) * loss_att
+        out = {"loss": loss, "loss_ctc": loss_ctc, "loss_interctc": loss_interctc, "loss_att": loss_att, "acc": acc}
         if return_ctc_log_probs:
             out["ctc_log_probs"] = self.ctc_log_probs(enc)
             out["enc_lens"] = enc_lens

@@ -109,6 +109,9 @@ class ConformerConfig:
     cnn_module_kernel: int = 31
     zero_triu: bool = False
     positionwise_layer_type: str = "linear"
+    # Intermediate CTC: the blocks (1-based, < num_blocks) whose outputs, after the final
+    # norm, also feed the CTC loss (ASRModelConfig.interctc_weight); training only.
+    interctc_layer_idx: list[int] = dataclasses.field(default_factory=list)
     # allinone only (None = ESPnet's uniform encoder): width of one attention head
     # (default output_size // attention_heads) and per-block FFN units / heads, which
     # extracted subnets need.
@@ -176,6 +179,11 @@ class ConformerConfig:
                     or not all(isinstance(v, int) and v >= 1 for v in value)):
                 raise ValueError(f"ConformerConfig.{name} must be None or {self.num_blocks} positive ints "
                                  f"(one per block), got {value!r}")
+        idx = self.interctc_layer_idx
+        if (not isinstance(idx, (list, tuple)) or len(set(idx)) != len(idx)
+                or not all(isinstance(i, int) and 0 < i < self.num_blocks for i in idx)):
+            raise ValueError(f"ConformerConfig.interctc_layer_idx must list distinct blocks 1..{self.num_blocks - 1} "
+                             f"(the last block's output is the CTC input already), got {idx!r}")
         if self.head_dim is None and self.output_size % self.attention_heads != 0:
             raise ValueError(
                 f"ConformerConfig.output_size={self.output_size} must be divisible by "
@@ -208,7 +216,7 @@ class ConformerConfig:
         if unknown:
             raise ValueError(f"unknown ConformerConfig field(s): {', '.join(unknown)}")
         d = dict(d)
-        for name in ("layer_linear_units", "layer_attention_heads"):
+        for name in ("layer_linear_units", "layer_attention_heads", "interctc_layer_idx"):
             if d.get(name) is not None:
                 d[name] = list(d[name])
         return cls(**d)
@@ -647,18 +655,24 @@ class ConformerEncoder(nn.Module):
                    f"the encoder has {cfg.num_blocks} blocks")
 
     def forward(
-        self, xs: torch.Tensor, lengths: torch.Tensor, subnet: SubnetConfig | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, xs: torch.Tensor, lengths: torch.Tensor, subnet: SubnetConfig | None = None,
+        intermediate: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Encode a padded batch.
 
         Args:
             xs: [batch, frame, input_size] (normalized features).
             lengths: [batch] valid frames per utterance.
             subnet: the blocks, widths and bit-widths to run (None = every block, float).
+            intermediate: also return the outputs of the ``interctc_layer_idx`` blocks.
         Returns:
             (out [batch, frame', output_size], out_lengths [batch]); frame' is about
             frame/4 (conv2d), /6 or /8.  Values at padded output frames are not zero
             (ESPnet's are not either) and must be ignored via ``out_lengths``.
+            With ``intermediate``, a third item: a list of [batch, frame', output_size],
+            the output after the i-th block run (i in ``interctc_layer_idx``, counted along
+            the subnet's blocks, ones at or past its depth left out), through the final norm
+            as ESPnet does.
         """
         if xs.dim() != 3 or xs.size(-1) != self.config.input_size:
             raise ValueError(
@@ -675,12 +689,18 @@ class ConformerEncoder(nn.Module):
         key_padding_mask = PaddingMask(
             torch.arange(x.size(1), device=x.device)[None, :] >= out_lengths[:, None])
         if subnet is None:
-            for block in self.encoders:
-                x = block(x, pos_emb, key_padding_mask)
+            run = [(block, None) for block in self.encoders]
         else:
             self.check_subnet(subnet)
-            for choice in subnet.layers:
-                x = self.encoders[choice.index](x, pos_emb, key_padding_mask, choice)
-        if self.after_norm is not None:
-            x = self.after_norm(x)
-        return x, out_lengths
+            run = [(self.encoders[choice.index], choice) for choice in subnet.layers]
+        taps = set(self.config.interctc_layer_idx) if intermediate else set()
+        inter = []
+        for i, (block, choice) in enumerate(run, start=1):
+            x = block(x, pos_emb, key_padding_mask, choice)
+            if i in taps and i < len(run):
+                inter.append(self._final_norm(x))
+        x = self._final_norm(x)
+        return (x, out_lengths, inter) if intermediate else (x, out_lengths)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.after_norm is None else self.after_norm(x)
