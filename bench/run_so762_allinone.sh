@@ -14,7 +14,8 @@
 # BASELINE_OPTS adds overrides to the float model's training (e.g. train.max_epochs=30) and
 # DECODE_SETS (default "dev test") chooses the sets the baseline phase decodes, VARIANTS
 # (e.g. "tm10:specaug.num_time_masks=10;do2:model.encoder.dropout_rate=0.2") adds variants of
-# the float config trained alongside it into exp/variants/<name>;
+# the float config trained alongside it into exp/variants/<name> (name them <config>_s<seed> to
+# get mean +- sd over seeds in exp/runs_table.md, bench/runs_table.py);
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
@@ -56,6 +57,10 @@ case $phase in
           cli decode $d/final --data data/$s --out $d/decode_beam1/$s --beam 1 --device cuda --num-workers 16
       done
     done
+    # one table of the baseline and its variants (plateau takeoff, seed groups of <name>_s<N>)
+    # (a variant that failed before its first epoch has no history and is left out)
+    runs=$(for d in $asr_exp ${names[@]/#/exp/variants/}; do [ ! -f $d/history.json ] || echo $d; done)
+    "$python" "$root/bench/runs_table.py" $runs --out exp/runs_table.md
     ;;
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the
