@@ -41,6 +41,18 @@ def test_override_without_value():
         load_config(None, ["train.max_steps"])
 
 
+def test_config_type_errors_and_broken_override_values_are_one_line():
+    for overrides, message in ((["train.max_epochs=abc"], "train.max_epochs: Value 'abc' of type 'str' could not "
+                                "be converted to Integer"),
+                               (["train.nope=1"], "train.nope: Key 'nope' not in 'TrainSection'"),
+                               (["train.max_epochs=3", "optim.lr=[1"], r"override optim.lr=\[1: the value is not "
+                                "valid YAML")):
+        with pytest.raises(ValueError, match=message) as e:
+            load_config(None, overrides)
+        assert "\n" not in str(e.value)
+    assert load_config(None, ["optim.lr=1e-3", "optim.lr=2e-3"]).optim.lr == 2e-3  # the last one wins
+
+
 def test_truncated_espnet_checkpoint(tmp_path):
     from allinone.interop.espnet import _load_state_dict
 

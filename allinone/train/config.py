@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -177,13 +178,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
             if not path.is_file():
                 raise ValueError(f"config file not found: {path}")
             parts.append(OmegaConf.create(read_yaml(path, "config file") or {}))
-        parts.append(OmegaConf.from_dotlist(list(overrides)))
+        for o in overrides:  # omegaconf reads each value as YAML: name the one that is not
+            try:
+                parts.append(OmegaConf.from_dotlist([o]))
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ValueError(f"override {o}: the value is not valid YAML ({problem})") from None
         merged = OmegaConf.merge(*parts)
         OmegaConf.resolve(merged)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        # omegaconf's message names the key and the expected type; drop its traceback.
-        raise ValueError(f"invalid config{f' {path}' if path else ''}: {e}") from None
+        # One line: the key and omegaconf's first message line (the rest repeats the key and
+        # names internal schema classes), without its traceback.
+        key = getattr(e, "full_key", None)
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        raise ValueError(f"invalid config{f' {path}' if path else ''}: {f'{key}: ' if key else ''}{msg}") from None
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
