@@ -187,6 +187,12 @@ def test_intermediate_ctc_experiment_keeps_its_loss(tmp_path, experiment):
         out = ours(*ref.frontend(speech, speech_lens), tokens, token_lens)
     assert abs(out["loss"].item() - loss_ref.item()) <= 1e-4
     assert abs(out["loss_interctc"].item() - stats["loss_interctc_layer1"].item()) <= 1e-4
+    # ESPnet takes the weight without taps and computes nothing: imported, with a note.
+    args["encoder_conf"].pop("interctc_layer_idx")
+    write_exp(tmp_path / "exp2", args, build_espnet(args).state_dict())
+    ours, info = load_espnet_asr(tmp_path / "exp2")
+    assert info["config"].interctc_weight == 0.0
+    assert any("interctc_weight=0.3 ignored: no encoder_conf.interctc_layer_idx" in n for n in info["notes"])
 
 
 def test_espnet_defaults_table_matches_installed_espnet():

@@ -284,3 +284,17 @@ def test_intermediate_ctc_trains_and_logs_its_loss(digits, tmp_path):
         want = 0.6 * float(r["loss_ctc"]) + 0.4 * float(r["loss_interctc"])
         assert float(r["loss"]) == pytest.approx(want, rel=2e-3, abs=2e-3)
     assert json.loads((exp / "final" / "config.json").read_text())["model"]["encoder"]["interctc_layer_idx"] == [1]
+
+
+def test_pruning_ranks_only_the_checkpoints_still_on_disk(tmp_path):
+    """A run pruned by another order before (an older tie-break, another keep_best) and then
+    resumed: the ranking must not pick epochs whose checkpoint is gone, nor delete the rest."""
+    from allinone.train.trainer import prune_epoch_checkpoints, saved_epochs
+
+    history = [{"epoch": e, "valid_loss": loss, "valid_wer": 100.0} for e, loss in ((1, 90.0), (2, 85.0), (3, 80.0))]
+    (tmp_path / "epoch1.pt").write_bytes(b"x")  # the old rule (ties: the earlier epoch) kept epoch 1 only
+    assert [h["epoch"] for h in best_epochs(saved_epochs(tmp_path, history), 1, "valid_wer")] == [1]
+    history.append({"epoch": 4, "valid_loss": 82.0, "valid_wer": 100.0})
+    (tmp_path / "epoch4.pt").write_bytes(b"x")
+    prune_epoch_checkpoints(tmp_path, history, 1, "valid_wer")
+    assert sorted(p.name for p in tmp_path.glob("epoch*.pt")) == ["epoch4.pt"]  # (epoch 3, lower still, is gone)

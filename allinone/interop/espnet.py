@@ -216,6 +216,11 @@ def espnet_to_config(cfg: Mapping[str, Any], base_dir: str | os.PathLike | None 
     if int(model_conf.get("ignore_id", -1)) != -1:
         raise ValueError(f"model_conf.ignore_id={model_conf['ignore_id']} is not supported; only -1")
     interctc_weight = float(model_conf.get("interctc_weight", 0.0))
+    if interctc_weight and not (encoder_config.interctc_layer_idx and ctc_weight > 0.0):
+        # ESPnet accepts the weight without taps (or without a CTC head) and computes nothing.
+        notes.append(f"model_conf.interctc_weight={interctc_weight} ignored: no encoder_conf.interctc_layer_idx "
+                     "or no CTC head, so ESPnet computes no intermediate CTC either")
+        interctc_weight = 0.0
     if model_conf.get("length_normalized_loss", False):
         notes.append(f"model_conf.length_normalized_loss={model_conf['length_normalized_loss']!r} ignored "
                      "(training loss only)")
@@ -462,6 +467,8 @@ def export_espnet_asr(
             low-bit tensors), per-block widths or a reduced head width (ESPnet's
             ``ConformerEncoder`` is uniform, head width ``output_size / heads``), a
             front end ESPnet's ``DefaultFrontend`` cannot express.
+    Intermediate CTC (``interctc_weight``, ``encoder.interctc_layer_idx``) is training only and
+    is not exported (ESPnet's ``Speech2Text`` would decode every tap on each call).
     Returns:
         ``out_dir`` as a ``Path``.
     """
@@ -480,6 +487,9 @@ def export_espnet_asr(
     except ValueError as e:
         raise ValueError(f"this model cannot be expressed as ESPnet's ConformerEncoder: {e}") from None
     input_size = encoder_conf.pop("input_size")  # ASRTask passes the front end's output size itself
+    # Intermediate CTC is training only, and with taps ESPnet's Speech2Text returns
+    # (n-best, decodes of every tap) instead of the n-best list: the export leaves it out.
+    encoder_conf.pop("interctc_layer_idx", None)
     if fbank.n_mels != input_size:
         raise ValueError(f"front end has n_mels={fbank.n_mels} but the encoder expects input_size={input_size}")
     token_list = list(tokenizer.token_list)
@@ -535,7 +545,7 @@ def export_espnet_asr(
         "ctc_conf": {},
         "model": "espnet",
         "model_conf": {"ctc_weight": float(config.ctc_weight), "lsm_weight": float(config.lsm_weight),
-                       "interctc_weight": float(config.interctc_weight), "length_normalized_loss": False},
+                       "length_normalized_loss": False},
     }
     atomic_torch_save(state, out_dir / EXPORT_CHECKPOINT)
     with atomic_open(out_dir / CONFIG_NAME, "w", encoding="utf-8") as f:

@@ -684,7 +684,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
     final_dir = exp_dir / "final"
     if is_main:
-        best = best_epochs(state["history"], cfg.train.keep_best, select_key)
+        best = best_epochs(saved_epochs(exp_dir, state["history"]), cfg.train.keep_best, select_key)
         paths = [exp_dir / f"epoch{h['epoch']}.pt" for h in best]
         model.load_state_dict(average_checkpoints(paths))
         if hasattr(strategy, "finalize"):  # e.g. mixed precision: allocation.json, timing.json
@@ -746,9 +746,18 @@ def best_epochs(history: list[dict], keep: int, key: str = "valid_loss") -> list
     return sorted(history, key=rank)[:keep]
 
 
+def saved_epochs(exp_dir: Path, history: list[dict]) -> list[dict]:
+    """The history entries whose epoch checkpoint is still on disk.
+
+    Ranking only these keeps a resumed run consistent with the pruning done before it
+    (an earlier version, or another ``keep_best``, may have pruned by another order).
+    """
+    return [h for h in history if (exp_dir / f"epoch{h['epoch']}.pt").is_file()]
+
+
 def prune_epoch_checkpoints(exp_dir: Path, history: list[dict], keep: int, key: str = "valid_loss") -> None:
     """Keep only the epoch checkpoints that can still be among the best ``keep``."""
-    best = {h["epoch"] for h in best_epochs(history, keep, key)}
+    best = {h["epoch"] for h in best_epochs(saved_epochs(exp_dir, history), keep, key)}
     for h in history:
         if h["epoch"] not in best:
             (exp_dir / f"epoch{h['epoch']}.pt").unlink(missing_ok=True)
