@@ -7,10 +7,10 @@ plateau, and what its averaged model decodes to.
 
 Each RUN_DIR is an `allinone train` experiment directory: `history.json` (one entry per epoch
 with `step`, `valid_loss` and, with `train.select_by: wer`, `valid_wer`) and, when decoded,
-`<decode-dir>/<set>/wer.json`. Columns: epochs (updates), the first epoch whose greedy dev WER
+`<decode-dir>/<set>/wer.json`. Columns: epochs (updates), the first epoch whose greedy validation WER
 is under `--takeoff` percent (a CTC model first sits on the blank plateau near 100% and
 leaves it at an update that varies from seed to seed: docs/benchmarks.md section 4f), the
-best single-epoch dev WER, the lowest validation loss, and the WER (CER) of the averaged
+best single-epoch validation WER, the lowest validation loss, and the WER (CER) of the averaged
 model per set. Runs named `<config>_s<seed>` (for example `nosp_s1`, `nosp_s2`) also get a
 `<config> (n seeds)` row with mean +- sample standard deviation of each set's WER, which is
 how configurations should be ranked when one run's spread is several points.
@@ -73,8 +73,8 @@ def seed_groups(rows: list[dict], sets: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict], groups: list[dict], sets: list[str], takeoff: float) -> str:
-    head = ["run", "epochs (updates)", f"first epoch under {takeoff:g}% dev WER (update)",
-            "best single-epoch dev WER (epoch)", "lowest valid loss (epoch)"]
+    head = ["run", "epochs (updates)", f"first epoch under {takeoff:g}% valid WER (update)",
+            "best single-epoch valid WER (epoch)", "lowest valid loss (epoch)"]
     head += [f"{s} WER (CER)" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="experiment directories of `allinone train`")
     p.add_argument("--sets", nargs="+", default=["dev", "test"], help="decoded sets to show (default dev test)")
     p.add_argument("--decode-dir", default="decode_beam1", help="decode directory inside each run")
-    p.add_argument("--takeoff", type=float, default=95.0, help="dev WER (%%) that counts as off the plateau")
+    p.add_argument("--takeoff", type=float, default=95.0, help="validation WER (%%) that counts as off the plateau")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
     try:
