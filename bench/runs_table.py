@@ -25,6 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from allinone.utils import atomic_open
+
 SEED_SUFFIX = re.compile(r"^(?P<config>.+)_s\d+$")
 
 
@@ -116,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, seed_groups(rows, args.sets), args.sets, args.takeoff)
     print(text, end="")
     if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        with atomic_open(args.out) as f:
+            f.write(text)
     return 0
 
 

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from allinone.models.asr import ASRModel, ASRModelConfig
-from allinone.utils import read_yaml
 from allinone.models.conformer import ConformerConfig
+from allinone.utils import read_yaml
 
 __all__ = [
     "load_espnet_asr",

@@ -320,12 +320,15 @@ class ASRModel(nn.Module):
         if not torch.compiler.is_compiling():  # (see encode)
             tokens = tokens[:, : int(token_lens.max())]
         w_inter = self.config.interctc_weight
-        enc, enc_lens, *inter = self.encode(feats, feat_lens, subnet, intermediate=w_inter > 0.0)
+        if w_inter > 0.0:
+            enc, enc_lens, taps = self.encode(feats, feat_lens, subnet, intermediate=True)
+        else:
+            (enc, enc_lens), taps = self.encode(feats, feat_lens, subnet), []
         w = self.config.ctc_weight
         loss_ctc = self.ctc.loss(enc, enc_lens, tokens, token_lens) if w > 0.0 else None
         ctc_term, loss_interctc = loss_ctc, None
-        if inter and inter[0]:  # (a subnet shallower than every tapped block has none)
-            losses = [self.ctc.loss(h, enc_lens, tokens, token_lens) for h in inter[0]]
+        if taps:  # (a subnet shallower than every tapped block has none)
+            losses = [self.ctc.loss(h, enc_lens, tokens, token_lens) for h in taps]
             loss_interctc = sum(losses) / len(losses)
             ctc_term = (1.0 - w_inter) * loss_ctc + w_inter * loss_interctc
         loss_att = acc = None
