@@ -40,6 +40,13 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     assert json.loads((sup / "final" / "config.json").read_text())["search_space"]["depth"] == [2, 1]
     systems = sorted(p.name for p in (sup / "extracted").iterdir() if p.is_dir())
     assert systems == ["L1_F32_H2_B4", "L2_F64_H2_B32", "L2_F64_H2_B8"]
+    # The recipe's intermediate CTC (tap after block 1) goes through the supernet into the
+    # extracted systems that still have that block; the one-block system has no tap left.
+    def model_of(d):
+        return json.loads((d / "config.json").read_text())["model"]
+    assert model_of(sup / "final")["interctc_weight"] == 0.3
+    assert model_of(sup / "extracted" / "L2_F64_H2_B8")["encoder"]["interctc_layer_idx"] == [1]
+    assert model_of(sup / "extracted" / "L1_F32_H2_B4")["interctc_weight"] == 0.0
     for s in ("dev", "test"):
         assert json.loads((asr / "decode_beam1" / s / "wer.json").read_text())["sentences"] == 12
         for name in systems:

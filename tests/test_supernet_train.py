@@ -3,6 +3,7 @@ processes) runs a sandwich step and leaves both ranks with identical parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -54,6 +55,34 @@ def test_strategy_lowers_every_subnet_loss(strategy, trained):
     assert all(k.startswith("loss/L") and v.dim() == 0 for k, v in logs.items())
     if strategy == "targets":
         assert list(logs) == [f"loss/{t}" for t in TARGETS]  # highest precision (the teacher) first
+
+
+def test_sandwich_trains_subnets_with_intermediate_ctc():
+    """A float model with intermediate CTC (the speechocean762 recipe's) as a supernet: each
+    subnet's label loss mixes its own taps (depth 2 keeps tap 1 of [1, 3]), as ESPnet's
+    formula, and the sandwich lowers the loss of both ends."""
+    model = tiny_supernet(interctc_layer_idx=[1, 3])
+    model.config = dataclasses.replace(model.config, interctc_weight=0.3).validate()
+    strat = make_strategy(model, "sandwich")
+    batch = tiny_batch()
+    model.eval()
+    with torch.no_grad():
+        for text in ["L4_F48_H4_B32", "L2_F24_H2_B2"]:
+            out = model(batch["feats"], batch["feat_lens"], batch["tokens"], batch["token_lens"],
+                        subnet=model.search_space.parse(text))
+            want = 0.7 * out["loss_ctc"] + 0.3 * out["loss_interctc"]
+            torch.testing.assert_close(out["loss"], want)
+            assert not torch.isclose(out["loss_interctc"], out["loss_ctc"]), text
+    model.train()
+    trained = ["L4_F48_H4_B32", "L2_F24_H2_B2"]
+    before = subnet_losses(model, batch, trained)
+    optim = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        strat.step(model, model, batch, use_bf16=False, loss_scale=1.0, sync_grads=True)
+        optim.step()
+        optim.zero_grad()
+    after = subnet_losses(model, batch, trained)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
 
 
 def test_plan_of_each_strategy():
