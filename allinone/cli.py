@@ -20,12 +20,30 @@ def cmd_decode(args) -> None:
     from allinone.eval.decode import DecodeOptions, decode_data_dir
 
     opts = DecodeOptions(beam=args.beam, ctc_weight=args.ctc_weight, device=args.device,
-                         num_workers=args.num_workers, skip_bad=args.skip_bad)
+                         num_workers=args.num_workers, skip_bad=args.skip_bad, lm=args.lm,
+                         lm_weight=args.lm_weight, length_bonus=args.length_bonus)
     for data in args.data:
         out = args.out if len(args.data) == 1 else f"{args.out}/{_name(data)}"
         summary = decode_data_dir(args.model, data, out, opts)
         print(f"{data}: WER {summary['wer']:.2f}% (sub {summary['sub']} del {summary['del']} "
               f"ins {summary['ins']} / {summary['words']} words), CER {summary['cer']:.2f}% -> {out}")
+
+
+def cmd_lm(args) -> None:
+    from pathlib import Path
+
+    from allinone.data.tokenizer import load_tokenizer
+    from allinone.eval.ngram_lm import train_token_lm
+
+    tok_dir = Path(args.tokenizer)
+    if (tok_dir / "tokenizer").is_dir():  # a model directory: its tokenizer
+        tok_dir = tok_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ValueError(f"--tokenizer {args.tokenizer} is not a model or tokenizer directory")
+    tokenizer = load_tokenizer(tok_dir)
+    lm = train_token_lm(args.text, tokenizer, args.order, args.out)
+    counts = ", ".join(f"{n}-grams {sum(1 for ng in lm.logp if len(ng) == n)}" for n in range(1, lm.order + 1))
+    print(f"{args.order}-gram Kneser-Ney LM over {len(lm.vocab)} units ({counts}) -> {args.out}")
 
 
 def _name(path: str) -> str:
@@ -224,7 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--num-workers", type=int, default=2)
     d.add_argument("--skip-bad", action="store_true", help="log and skip unusable utterances")
+    d.add_argument("--lm", help="ARPA n-gram LM over the model's units (allinone lm) for shallow fusion")
+    d.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM's log-probabilities")
+    d.add_argument("--length-bonus", type=float, default=0.0, help="score added per output token (beam search)")
     d.set_defaults(func=cmd_decode)
+
+    lm = sub.add_parser("lm", help="train a token n-gram LM (Kneser-Ney, ARPA) for shallow fusion (docs/cli.md)")
+    lm.add_argument("text", nargs="+", help="Kaldi text files (utt_id words...), e.g. data/train/text")
+    lm.add_argument("--tokenizer", required=True, help="model directory or its tokenizer/ directory: the LM's units")
+    lm.add_argument("--order", type=int, default=6, help="n-gram order (default 6)")
+    lm.add_argument("--out", required=True, help="ARPA file to write")
+    lm.set_defaults(func=cmd_lm)
 
     i = sub.add_parser("info", help="describe a model directory or packed model file")
     i.add_argument("file")

@@ -83,16 +83,22 @@ def ctc_greedy_batch(log_probs: torch.Tensor, lengths: torch.Tensor | Sequence[i
 
 
 def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int = 0,
-                           prune_logp: float | None = None, nbest: int | None = None
+                           prune_logp: float | None = None, nbest: int | None = None,
+                           lm=None, lm_weight: float = 0.0, length_bonus: float = 0.0
                            ) -> list[tuple[list[int], float]]:
-    """CTC prefix beam search for one utterance.
+    """CTC prefix beam search for one utterance, optionally with shallow fusion.
 
     log_probs: [frame, vocab] log-probabilities.  At each frame only the ``beam``
     most likely labels are expanded (all when ``beam >= vocab``), minus those
     below ``prune_logp`` when it is given; then the ``beam`` best prefixes are
-    kept.  Returns up to ``nbest`` (default ``beam``) ``(tokens, log_prob)``
-    pairs, best first, where ``log_prob`` is the prefix's CTC log-probability
-    summed over all the alignments the search kept.
+    kept.  Returns up to ``nbest`` (default ``beam``) ``(tokens, score)``
+    pairs, best first, where ``score`` is the prefix's CTC log-probability
+    summed over all the alignments the search kept, plus
+    ``lm_weight * log p_LM(tokens </s>) + length_bonus * len(tokens)``.
+
+    lm: a token scorer (``allinone.eval.ngram_lm.TokenLMScorer``: ``initial_state()``,
+    ``step(state, token) -> (logp, state)``, ``final(state) -> logp of </s>``); prefixes are
+    ranked by the same combined score while the search runs, so the LM steers the pruning.
     """
     _check_2d(log_probs)
     if beam < 1:
@@ -107,6 +113,12 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int =
 
     # prefix -> [log p(ends in blank), log p(ends in last label)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
+    # prefix -> (its LM log-probability so far, the LM state after it)
+    lm_of: dict[tuple[int, ...], tuple[float, object]] = {(): (0.0, lm.initial_state())} if lm is not None else {}
+
+    def extra(prefix: tuple[int, ...]) -> float:
+        """The non-CTC part of a prefix's score (0 without LM and bonus)."""
+        return (lm_weight * lm_of[prefix][0] if lm is not None else 0.0) + length_bonus * len(prefix)
     for t in range(len(frames)):
         p_blank = frames[t][blank]
         nxt: dict[tuple[int, ...], list[float]] = {}
@@ -116,6 +128,10 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int =
                 return  # impossible (e.g. "a a" with no blank seen yet): no entry
             cell = nxt.setdefault(prefix, [NEG_INF, NEG_INF])
             cell[slot] = _logaddexp(cell[slot], value)
+            if lm is not None and prefix not in lm_of:  # a new label sequence: score its last label once
+                total, state = lm_of[prefix[:-1]]
+                lp, state = lm.step(state, prefix[-1])
+                lm_of[prefix] = (total + lp, state)
 
         for prefix, (pb, pnb) in beams.items():
             total = _logaddexp(pb, pnb)
@@ -132,19 +148,21 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int =
                     add(prefix + (c,), 1, pb + pc)
                 else:
                     add(prefix + (c,), 1, total + pc)
-        ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]), reverse=True)
+        ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]) + extra(kv[0]), reverse=True)
         beams = dict(ranked[:beam])
-    hyps = [(list(p), _logaddexp(pb, pnb)) for p, (pb, pnb) in beams.items()]
+    hyps = [(list(p), _logaddexp(pb, pnb) + extra(p) + (lm_weight * lm.final(lm_of[p][1]) if lm is not None else 0.0))
+            for p, (pb, pnb) in beams.items()]
     hyps.sort(key=lambda h: h[1], reverse=True)
     return hyps[: (nbest or beam)]
 
 
 def ctc_prefix_beam_search_batch(log_probs: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None,
                                  beam: int = 10, blank: int = 0, prune_logp: float | None = None,
-                                 nbest: int | None = None) -> list[list[tuple[list[int], float]]]:
+                                 nbest: int | None = None, lm=None, lm_weight: float = 0.0,
+                                 length_bonus: float = 0.0) -> list[list[tuple[list[int], float]]]:
     """Prefix beam search over a padded batch; log_probs: [batch, frame, vocab], lengths: [batch]."""
     lens = _check_batch(log_probs, lengths)
-    return [ctc_prefix_beam_search(log_probs[i, :n], beam, blank, prune_logp, nbest)
+    return [ctc_prefix_beam_search(log_probs[i, :n], beam, blank, prune_logp, nbest, lm, lm_weight, length_bonus)
             for i, n in enumerate(lens)]
 
 

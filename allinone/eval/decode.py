@@ -27,10 +27,17 @@ class DecodeOptions:
     num_workers: int = 2
     device: str = "cpu"
     skip_bad: bool = False
+    lm: str | None = None  # ARPA n-gram LM over the model's units (allinone lm), for shallow fusion
+    lm_weight: float = 0.5  # weight of its log-probabilities in the beam search's score
+    length_bonus: float = 0.0  # added to the score per output token (beam search)
 
     def __post_init__(self):
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1 (1 = greedy CTC), got {self.beam}")
+        if self.lm is not None and self.beam == 1:
+            raise ValueError("a language model (lm) is used by the beam search only: give beam > 1")
+        if self.lm_weight < 0.0:
+            raise ValueError(f"lm_weight must be >= 0, got {self.lm_weight}")
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight must lie in [0, 1], got {self.ctc_weight}")
         if self.num_workers < 0:
@@ -81,11 +88,12 @@ def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) ->
 
 
 @torch.no_grad()
-def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -> list[list[int]]:
+def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, lm=None) -> list[list[int]]:
     """Token ids of the best hypothesis for each utterance of a padded batch.
 
     feats: [B, T, F] (waveform models: [B, S]), feat_lens: [B]; subnet: the ``SubnetConfig`` a supernet runs
-    (None = the whole model, the only choice for a plain or extracted model).
+    (None = the whole model, the only choice for a plain or extracted model); lm: a token scorer
+    (``load_lm_scorer``) fused into the beam search with ``opts.lm_weight``.
     """
     from allinone.eval.ctc_decode import ctc_greedy_batch, ctc_prefix_beam_search
 
@@ -96,7 +104,8 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -
     results = []
     for b in range(log_probs.shape[0]):
         t = int(enc_lens[b])
-        nbest = ctc_prefix_beam_search(log_probs[b, :t], beam=opts.beam)
+        nbest = ctc_prefix_beam_search(log_probs[b, :t], beam=opts.beam, lm=lm, lm_weight=opts.lm_weight,
+                                       length_bonus=opts.length_bonus)
         if getattr(model, "decoder", None) is None or len(nbest) == 1:  # (wav2vec2 models have none)
             results.append(list(nbest[0][0]))
             continue
@@ -106,6 +115,24 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None) -
         total = opts.ctc_weight * ctc_scores + (1 - opts.ctc_weight) * att_scores
         results.append(hyps[int(total.argmax())])
     return results
+
+
+def load_lm_scorer(path: str | Path, tokenizer):
+    """The ARPA language model at ``path`` as a scorer over ``tokenizer``'s ids; a ``ValueError``
+    when the model knows none of the tokenizer's units (an LM of other units)."""
+    from allinone.eval.ngram_lm import UNK, NgramLM, TokenLMScorer
+
+    lm = NgramLM.read_arpa(path)
+    units = [t for i, t in enumerate(tokenizer.token_list)
+             if i not in (tokenizer.blank_id, tokenizer.sos_eos_id) and t != UNK]
+    missing = [t for t in units if t not in lm.vocab]
+    if len(missing) == len(units):
+        raise ValueError(f"language model {path} knows none of the model's {len(units)} output units "
+                         f"(e.g. {units[:5]}): it was trained on other units")
+    if missing:
+        logger.warning("language model %s lacks %d of the model's units (scored as <unk>): %s",
+                       path, len(missing), missing[:10])
+    return TokenLMScorer(lm, tokenizer.token_list)
 
 
 def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
@@ -124,6 +151,7 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     device = torch.device(opts.device)
     loaded = load_model_dir(model_dir, device=opts.device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    lm = load_lm_scorer(opts.lm, tokenizer) if opts.lm else None
     utts = read_data_dir(data_dir, skip_bad=opts.skip_bad)
     feats = extract_features(utts, loaded.fbank, opts.num_workers, skip_bad=opts.skip_bad,
                              progress=False)
@@ -134,14 +162,16 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     hyps: dict[str, str] = {}
     start = time.time()
     for batch in tqdm(loader, desc="decode", leave=False):
-        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts)
+        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts, lm=lm)
         for utt_id, tokens in zip(batch["utt_ids"], ids):
             hyps[utt_id] = tokenizer.decode(tokens)
     seconds = time.time() - start
     refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
     result = write_results(out_dir, refs, hyps)
     summary = {**result.to_dict(), "decode_seconds": seconds,
-               "beam": opts.beam, "model": str(model_dir), "data": str(data_dir)}
+               "beam": opts.beam, "model": str(model_dir), "data": str(data_dir),
+               **({"lm": str(opts.lm), "lm_weight": opts.lm_weight} if opts.lm else {}),
+               **({"length_bonus": opts.length_bonus} if opts.length_bonus else {})}
     logger.info("%s: WER %.2f%% on %d utterances -> %s", data_dir, summary.get("wer", float("nan")),
                 len(refs), out_dir)
     with open(Path(out_dir) / "decode.json", "w") as f:

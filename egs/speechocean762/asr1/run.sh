@@ -30,6 +30,9 @@ test_sets="dev test"
 nj=4                       # feature-extraction / decoding worker processes
 beam=10                    # 1 = CTC greedy; >1 = CTC prefix beam search + attention rescoring
 ctc_weight=0.3
+lm_weight=0                # > 0 (with beam > 1): shallow fusion of a token n-gram LM of the
+lm_order=6                 #   training transcripts (allinone lm), trained in stage 6
+length_bonus=0             # added to the beam search's score per output token
 device=auto                # decoding and benchmark device: auto | cpu | cuda
 min_free_gb=2
 python=../../../.venv/bin/python
@@ -108,14 +111,23 @@ fi
 
 if run_stage 6 "decode and score ($test_sets)"; then
   check_data
-  if [ -f "$asr_exp/final/config.json" ]; then decode_model "$asr_exp/final" "$asr_exp/decode_beam$beam"; fi
+  decode_dir=decode_beam$beam lm=""
+  if [ "$lm_weight" != 0 ] && [ "$beam" -gt 1 ]; then
+    # the LM's units are the float model's (the supernet and its systems share its tokenizer)
+    require_file "$asr_exp/final/config.json" "float model (its tokenizer gives the LM's units)" "run stage 3 first"
+    lm=$expdir/lm/units${lm_order}.arpa
+    [ -f "$lm" ] || run_logged "$expdir/lm/log/lm.log" cli lm "$datadir/train/text" --tokenizer "$asr_exp/final" \
+      --order "$lm_order" --out "$lm"
+    decode_dir=${decode_dir}_lm${lm_order}w${lm_weight}b${length_bonus}
+  fi
+  if [ -f "$asr_exp/final/config.json" ]; then decode_model "$asr_exp/final" "$asr_exp/$decode_dir"; fi
   if [ -d "$sup_exp/extracted" ]; then
     for m in "$sup_exp"/extracted/*/; do
       [ -f "$m/config.json" ] || continue
-      decode_model "${m%/}" "$sup_exp/decode_beam$beam/$(basename "$m")"
+      decode_model "${m%/}" "$sup_exp/$decode_dir/$(basename "$m")"
     done
   fi
-  "$python" ../../utils/show_results.py "$asr_exp/decode_beam$beam" "$sup_exp/decode_beam$beam" > "$expdir/RESULTS.md"
+  "$python" ../../utils/show_results.py "$asr_exp/$decode_dir" "$sup_exp/$decode_dir" > "$expdir/RESULTS.md"
   cat "$expdir/RESULTS.md"
   echo "results: $expdir/RESULTS.md (per system: <decode dir>/<set>/wer.json, alignments.txt, hyp.trn)"
 fi
