@@ -161,7 +161,8 @@ def cmd_bench(args) -> None:
     opts = BenchOptions(beam=args.beam, device=args.device, threads=args.threads, latency=not args.no_latency,
                         latency_repeats=args.latency_repeats, latency_utts=args.latency_utts,
                         alpha=args.alpha, reference=args.reference, num_workers=args.num_workers,
-                        front_end_calib=args.int8_front_end_calib)
+                        front_end_calib=args.int8_front_end_calib, lm=args.lm, lm_weight=args.lm_weight,
+                        length_bonus=args.length_bonus)
     res = run_bench(args.model, args.grid, args.data, args.out, opts, command=_bench_command(args))
     print(f"{len(res['systems'])} systems x {len(res['test_sets'])} test sets -> {args.out}/results.md, "
           f"report.md, pareto.png ({res['resumed_systems']} resumed)")
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--reference", default=None, help="reference subnet (default: the largest float one)")
     bn.add_argument("--alpha", type=float, default=0.05, help="MAPSSWE significance level")
     bn.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
+    bn.add_argument("--lm", help="ARPA token LM (allinone lm) fused into the beam search of every system")
+    bn.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM's log-probabilities")
+    bn.add_argument("--length-bonus", type=float, default=0.0, help="score added per output token (beam search)")
     bn.add_argument("--device", default="cpu", help="decoding device (cpu or cuda)")
     bn.add_argument("--threads", type=int, default=None, help="CPU threads for latency (default: torch's)")
     bn.add_argument("--latency-repeats", type=int, default=5, help="timed passes (median reported)")

@@ -252,6 +252,32 @@ def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
     assert done == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
 
 
+def test_lm_fusion_equals_decode_of_the_extracted_model(setup, tmp_path, monkeypatch):
+    """``bench --lm`` decodes each system as ``allinone decode --lm`` decodes its extracted
+    model; another LM weight decodes the systems again."""
+    from allinone.data.tokenizer import load_tokenizer
+    from allinone.eval.ngram_lm import train_token_lm
+
+    lm = tmp_path / "lm.arpa"
+    train_token_lm([setup["data"][1] / "text"], load_tokenizer(setup["model"] / "tokenizer"), 3, lm)
+    name, data = "L2_F24_H2_B2", setup["data"][0]
+    opts = BenchOptions(beam=3, lm=str(lm), lm_weight=2.0, latency=False, num_workers=1)
+    out = tmp_path / "out"
+    run_bench(setup["model"], [name], [data], out, opts, progress=False)
+    path = extract_to_dirs(setup["model"], [name], tmp_path / "x")[0].out_dir
+    decode_data_dir(path, data, tmp_path / "dec", DecodeOptions(beam=3, lm=str(lm), lm_weight=2.0, num_workers=1))
+    assert read_hyps(tmp_path / "dec") == read_hyps(out / "systems" / name / data.name)
+    plain = tmp_path / "plain"
+    decode_data_dir(path, data, plain, DecodeOptions(beam=3, num_workers=1))
+    assert read_hyps(plain) != read_hyps(tmp_path / "dec")  # the LM changed something
+    done = []
+    real = bench._bench_system
+    monkeypatch.setattr(bench, "_bench_system", lambda n, *a, **k: done.append(n) or real(n, *a, **k))
+    opts.lm_weight = 1.0
+    run_bench(setup["model"], [name], [data], out, opts, progress=False)
+    assert done == ["L4_F48_H4_B32", name]
+
+
 def test_resolve_grid_forms(tmp_path):
     from allinone.elastic.space import SearchSpace
 

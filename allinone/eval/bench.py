@@ -57,6 +57,9 @@ SYSTEM_FILE = "system.json"
 @dataclass
 class BenchOptions:
     beam: int = 1                 # 1 = CTC greedy
+    lm: str | None = None         # ARPA token LM for shallow fusion (beam > 1; allinone lm)
+    lm_weight: float = 0.5
+    length_bonus: float = 0.0
     device: str = "cpu"           # decoding device
     threads: int | None = None    # CPU threads for latency (None = torch's default)
     latency: bool = True
@@ -189,18 +192,22 @@ def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
         "data": [str(t.path.resolve()) for t in test_sets],
         "beam": opts.beam,
         "latency": latency,
+        # (only with an LM: results saved before the option existed stay valid)
+        **({"lm": [str(Path(opts.lm).resolve()), opts.lm_weight, opts.length_bonus]} if opts.lm else {}),
     }
 
 
 @torch.no_grad()
-def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions) -> dict[str, str]:
+def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions, lm=None) -> dict[str, str]:
     from allinone.eval.decode import DecodeOptions, recognize_batch
 
-    dopts = DecodeOptions(beam=opts.beam, device=opts.device)
+    dopts = DecodeOptions(beam=opts.beam, device=opts.device, lm=opts.lm, lm_weight=opts.lm_weight,
+                          length_bonus=opts.length_bonus)
     device = torch.device(opts.device)
     hyps = {}
     for batch in ts.batches:
-        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), dopts, subnet)
+        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), dopts, subnet,
+                              lm=lm)
         for utt_id, tokens in zip(batch["utt_ids"], ids):
             hyps[utt_id] = tokenizer.decode(tokens)
     return hyps
@@ -208,8 +215,10 @@ def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOpti
 
 def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,
                   test_sets: list[TestSet], latency_feats: list, sys_dir: Path,
-                  opts: BenchOptions, settings: dict, front_end_ranges: list[float] | None = None) -> dict:
-    """Decode, score, size and time one system; write its files and ``system.json``."""
+                  opts: BenchOptions, settings: dict, front_end_ranges: list[float] | None = None,
+                  lm=None) -> dict:
+    """Decode (with the token LM scorer ``lm`` when given), score, size and time one system;
+    write its files and ``system.json``."""
     from allinone.elastic.extract import extract, extracted_size
     from allinone.eval.latency import backends_for, measure_latency
     from allinone.eval.wer import write_results
@@ -219,7 +228,7 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
     bits = {k: q.bits for k, q in quantized.items()}
     wer = {}
     for ts in test_sets:
-        hyps = _decode(dec_model, subnet, ts, tokenizer, opts)
+        hyps = _decode(dec_model, subnet, ts, tokenizer, opts, lm)
         wer[ts.name] = write_results(sys_dir / ts.name, ts.refs, hyps).to_dict()
     latency = {}
     if opts.latency:
@@ -300,7 +309,12 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         raise ValueError(f"data directories not found: {', '.join(missing)}")
     from allinone.eval.decode import DecodeOptions
 
-    DecodeOptions(beam=opts.beam, device=opts.device)  # checks the beam and the device
+    DecodeOptions(beam=opts.beam, device=opts.device, lm=opts.lm, lm_weight=opts.lm_weight)  # checks them
+    lm = None
+    if opts.lm:
+        from allinone.eval.decode import load_lm_scorer
+
+        lm = load_lm_scorer(opts.lm, loaded.tokenizer)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output directory {out_dir} is an existing file")
     if opts.threads is not None and opts.threads < 1:
@@ -337,7 +351,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         record = _load_done(sys_dir, settings, test_sets)
         if record is None:
             record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
-                                   test_sets, latency_feats, sys_dir, opts, settings, ranges)
+                                   test_sets, latency_feats, sys_dir, opts, settings, ranges, lm)
         else:
             skipped += 1
         records[name] = record
