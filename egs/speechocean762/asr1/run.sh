@@ -9,6 +9,7 @@
 #   ./run.sh --config conf/train_tiny.yaml --supernet_config conf/train_supernet_tiny.yaml \
 #            --grid conf/grid_tiny.yaml --beam 1        # minutes on a CPU
 #   ./run.sh --stage 6 --stop_stage 6                   # one stage
+#   ./run.sh --stage 6 --lm_weight 1.0 --lm_order 12 --length_bonus 1.0   # decode with an n-gram LM
 # A finished stage is not redone (stamp files, or the final model's existence); an interrupted
 # training resumes from its checkpoint. Logs: <exp>/log/stageN_*.log.
 set -euo pipefail
