@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search (+ rescoring)")
     d.add_argument("--ctc-weight", type=float, default=0.3, help="CTC weight in attention rescoring")
     d.add_argument("--device", default="cpu")
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--num-workers", type=int, default=2,
+                   help="processes for feature extraction and (beam > 1) the beam search")
     d.add_argument("--skip-bad", action="store_true", help="log and skip unusable utterances")
     d.add_argument("--lm", help="ARPA n-gram LM over the model's units (allinone lm) for shallow fusion")
     d.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM's log-probabilities")
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--int8-front-end-calib", default=None, metavar="DATA_DIR",
                     help="also time all-8-bit systems with an 8-bit front end (cpu-int8-fe), calibrated on the "
                          "first 200 utterances of this data dir (e.g. the training set)")
-    bn.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
+    bn.add_argument("--num-workers", type=int, default=2,
+                    help="processes for feature extraction and (beam > 1) the beam search")
     bn.set_defaults(func=cmd_bench)
 
     cm = sub.add_parser("compare", help="separately trained compression runs against a float model "

@@ -261,7 +261,7 @@ def test_lm_fusion_equals_decode_of_the_extracted_model(setup, tmp_path, monkeyp
     lm = tmp_path / "lm.arpa"
     train_token_lm([setup["data"][1] / "text"], load_tokenizer(setup["model"] / "tokenizer"), 3, lm)
     name, data = "L2_F24_H2_B2", setup["data"][0]
-    opts = BenchOptions(beam=3, lm=str(lm), lm_weight=2.0, latency=False, num_workers=1)
+    opts = BenchOptions(beam=3, lm=str(lm), lm_weight=2.0, latency=False, num_workers=2)  # a search pool
     out = tmp_path / "out"
     run_bench(setup["model"], [name], [data], out, opts, progress=False)
     path = extract_to_dirs(setup["model"], [name], tmp_path / "x")[0].out_dir
@@ -270,6 +270,10 @@ def test_lm_fusion_equals_decode_of_the_extracted_model(setup, tmp_path, monkeyp
     plain = tmp_path / "plain"
     decode_data_dir(path, data, plain, DecodeOptions(beam=3, num_workers=1))
     assert read_hyps(plain) != read_hyps(tmp_path / "dec")  # the LM changed something
+    # the beam searches spread over worker processes (each with its LM) give the same output
+    pooled = tmp_path / "pooled"
+    decode_data_dir(path, data, pooled, DecodeOptions(beam=3, lm=str(lm), lm_weight=2.0, num_workers=2))
+    assert read_hyps(pooled) == read_hyps(tmp_path / "dec")
     done = []
     real = bench._bench_system
     monkeypatch.setattr(bench, "_bench_system", lambda n, *a, **k: done.append(n) or real(n, *a, **k))

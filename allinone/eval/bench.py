@@ -197,17 +197,24 @@ def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
     }
 
 
-@torch.no_grad()
-def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions, lm=None) -> dict[str, str]:
-    from allinone.eval.decode import DecodeOptions, recognize_batch
+def _decode_options(opts: BenchOptions):
+    from allinone.eval.decode import DecodeOptions
 
-    dopts = DecodeOptions(beam=opts.beam, device=opts.device, lm=opts.lm, lm_weight=opts.lm_weight,
-                          length_bonus=opts.length_bonus)
+    return DecodeOptions(beam=opts.beam, device=opts.device, lm=opts.lm, lm_weight=opts.lm_weight,
+                         length_bonus=opts.length_bonus, num_workers=opts.num_workers)
+
+
+@torch.no_grad()
+def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions, lm=None,
+            pool=None) -> dict[str, str]:
+    from allinone.eval.decode import recognize_batch
+
+    dopts = _decode_options(opts)
     device = torch.device(opts.device)
     hyps = {}
     for batch in ts.batches:
         ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), dopts, subnet,
-                              lm=lm)
+                              lm=lm, pool=pool)
         for utt_id, tokens in zip(batch["utt_ids"], ids):
             hyps[utt_id] = tokenizer.decode(tokens)
     return hyps
@@ -216,9 +223,10 @@ def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOpti
 def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,
                   test_sets: list[TestSet], latency_feats: list, sys_dir: Path,
                   opts: BenchOptions, settings: dict, front_end_ranges: list[float] | None = None,
-                  lm=None) -> dict:
-    """Decode (with the token LM scorer ``lm`` when given), score, size and time one system;
-    write its files and ``system.json``."""
+                  lm=None, pool=None) -> dict:
+    """Decode (with the token LM scorer ``lm`` when given; the beam searches in ``pool``, a
+    ``BeamSearchPool``, when given), score, size and time one system; write its files and
+    ``system.json``."""
     from allinone.elastic.extract import extract, extracted_size
     from allinone.eval.latency import backends_for, measure_latency
     from allinone.eval.wer import write_results
@@ -228,7 +236,7 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
     bits = {k: q.bits for k, q in quantized.items()}
     wer = {}
     for ts in test_sets:
-        hyps = _decode(dec_model, subnet, ts, tokenizer, opts, lm)
+        hyps = _decode(dec_model, subnet, ts, tokenizer, opts, lm, pool)
         wer[ts.name] = write_results(sys_dir / ts.name, ts.refs, hyps).to_dict()
     latency = {}
     if opts.latency:
@@ -307,9 +315,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     missing = [str(d) for d in data_dirs if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"data directories not found: {', '.join(missing)}")
-    from allinone.eval.decode import DecodeOptions
-
-    DecodeOptions(beam=opts.beam, device=opts.device, lm=opts.lm, lm_weight=opts.lm_weight)  # checks them
+    _decode_options(opts)  # checks the beam, the device and the LM options
     lm = None
     if opts.lm:
         from allinone.eval.decode import load_lm_scorer
@@ -345,16 +351,21 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
 
     records, skipped = {}, 0
     bar = tqdm(systems, desc="bench", unit="system", disable=not progress)
-    for name, subnet in bar:
-        bar.set_postfix_str(name)
-        sys_dir = out_dir / "systems" / name
-        record = _load_done(sys_dir, settings, test_sets)
-        if record is None:
-            record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
-                                   test_sets, latency_feats, sys_dir, opts, settings, ranges, lm)
-        else:
-            skipped += 1
-        records[name] = record
+    from allinone.eval.decode import search_pool
+
+    todo = [name for name, _ in systems if _load_done(out_dir / "systems" / name, settings, test_sets) is None]
+    num_utts = sum(len(ts.refs) for ts in test_sets) if todo else 0  # no pool when nothing is decoded
+    with search_pool(_decode_options(opts), loaded.tokenizer.token_list, num_utts) as pool:
+        for name, subnet in bar:
+            bar.set_postfix_str(name)
+            sys_dir = out_dir / "systems" / name
+            record = _load_done(sys_dir, settings, test_sets)
+            if record is None:
+                record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
+                                       test_sets, latency_feats, sys_dir, opts, settings, ranges, lm, pool)
+            else:
+                skipped += 1
+            records[name] = record
     if skipped:
         logger.info("bench: %d of %d systems were already done in %s (resumed)", skipped, len(systems), out_dir)
 

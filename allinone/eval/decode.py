@@ -87,13 +87,74 @@ def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) ->
     return (tok * mask).sum(-1)
 
 
+# Each beam-search worker process's settings and LM (set once by ``_init_search_worker``).
+_WORKER_SEARCH: dict = {}
+
+
+def _init_search_worker(beam: int, lm_path: str | None, token_list: list[str] | None, lm_weight: float,
+                        length_bonus: float) -> None:
+    from allinone.data.dataset import _init_worker
+    from allinone.eval.ngram_lm import NgramLM, TokenLMScorer
+
+    _init_worker()  # one thread per worker
+    lm = TokenLMScorer(NgramLM.read_arpa(lm_path), token_list) if lm_path else None
+    _WORKER_SEARCH.update(beam=beam, lm=lm, lm_weight=lm_weight, length_bonus=length_bonus)
+
+
+def _search_in_worker(log_probs):
+    from allinone.eval.ctc_decode import ctc_prefix_beam_search
+
+    w = _WORKER_SEARCH
+    return ctc_prefix_beam_search(torch.from_numpy(log_probs), beam=w["beam"], lm=w["lm"], lm_weight=w["lm_weight"],
+                                  length_bonus=w["length_bonus"])
+
+
+class BeamSearchPool:
+    """CTC prefix beam searches (CPU-bound Python) of many utterances in ``workers`` spawned
+    processes, each with its own copy of the LM. A context manager; ``search`` keeps the order.
+    "spawn", not fork: forking a process whose OpenMP pool has run can deadlock."""
+
+    def __init__(self, workers: int, opts: DecodeOptions, token_list: list[str]):
+        import multiprocessing as mp
+
+        from allinone.data.dataset import _single_thread_env
+
+        with _single_thread_env():
+            self.pool = mp.get_context("spawn").Pool(
+                workers, initializer=_init_search_worker,
+                initargs=(opts.beam, opts.lm, list(token_list) if opts.lm else None, opts.lm_weight, opts.length_bonus))
+
+    def search(self, log_probs: list[torch.Tensor]) -> list[list[tuple[list[int], float]]]:
+        """n-best lists of [frames, vocab] log-probabilities, in the order given."""
+        return self.pool.map(_search_in_worker, [lp.detach().double().cpu().numpy() for lp in log_probs])
+
+    def __enter__(self) -> "BeamSearchPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+def search_pool(opts: DecodeOptions, token_list: list[str], num_utts: int):
+    """A ``BeamSearchPool`` of ``opts.num_workers`` processes when the beam search is worth
+    spreading (beam > 1, several workers and utterances), else a context giving None."""
+    import contextlib
+
+    if opts.beam > 1 and opts.num_workers > 1 and num_utts > 1:
+        return BeamSearchPool(min(opts.num_workers, num_utts), opts, token_list)
+    return contextlib.nullcontext(None)
+
+
 @torch.no_grad()
-def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, lm=None) -> list[list[int]]:
+def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, lm=None,
+                    pool: BeamSearchPool | None = None) -> list[list[int]]:
     """Token ids of the best hypothesis for each utterance of a padded batch.
 
     feats: [B, T, F] (waveform models: [B, S]), feat_lens: [B]; subnet: the ``SubnetConfig`` a supernet runs
     (None = the whole model, the only choice for a plain or extracted model); lm: a token scorer
-    (``load_lm_scorer``) fused into the beam search with ``opts.lm_weight``.
+    (``load_lm_scorer``) fused into the beam search with ``opts.lm_weight``; pool: a
+    ``BeamSearchPool`` that runs the beam searches instead (with its own copy of the LM).
     """
     from allinone.eval.ctc_decode import ctc_greedy_batch, ctc_prefix_beam_search
 
@@ -101,11 +162,15 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, l
     log_probs = model.ctc_log_probs(enc).float()
     if opts.beam <= 1:
         return ctc_greedy_batch(log_probs, enc_lens)
+    utts = [log_probs[b, : int(enc_lens[b])] for b in range(log_probs.shape[0])]
+    if pool is not None:
+        nbests = pool.search(utts)
+    else:
+        nbests = [ctc_prefix_beam_search(lp, beam=opts.beam, lm=lm, lm_weight=opts.lm_weight,
+                                         length_bonus=opts.length_bonus) for lp in utts]
     results = []
-    for b in range(log_probs.shape[0]):
+    for b, nbest in enumerate(nbests):
         t = int(enc_lens[b])
-        nbest = ctc_prefix_beam_search(log_probs[b, :t], beam=opts.beam, lm=lm, lm_weight=opts.lm_weight,
-                                       length_bonus=opts.length_bonus)
         if getattr(model, "decoder", None) is None or len(nbest) == 1:  # (wav2vec2 models have none)
             results.append(list(nbest[0][0]))
             continue
@@ -161,10 +226,12 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     hyps: dict[str, str] = {}
     start = time.time()
-    for batch in tqdm(loader, desc="decode", leave=False):
-        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts, lm=lm)
-        for utt_id, tokens in zip(batch["utt_ids"], ids):
-            hyps[utt_id] = tokenizer.decode(tokens)
+    with search_pool(opts, tokenizer.token_list, len(dataset)) as pool:
+        for batch in tqdm(loader, desc="decode", leave=False):
+            ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts, lm=lm,
+                                  pool=pool)
+            for utt_id, tokens in zip(batch["utt_ids"], ids):
+                hyps[utt_id] = tokenizer.decode(tokens)
     seconds = time.time() - start
     refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
     result = write_results(out_dir, refs, hyps)
