@@ -175,7 +175,8 @@ def cmd_compare(args) -> None:
     from allinone.eval.compare import compare_runs, parse_run
 
     res = compare_runs(args.reference, [parse_run(r) for r in args.runs], args.data, args.out, alpha=args.alpha,
-                       beam=args.beam, device=args.device, num_workers=args.num_workers, nested=args.nested)
+                       beam=args.beam, device=args.device, num_workers=args.num_workers, nested=args.nested,
+                       lm=args.lm, lm_weight=args.lm_weight, length_bonus=args.length_bonus)
     print(f"{len(res['systems'])} systems against {args.reference} -> {args.out}/results.md, results.json")
     if "nested" in res:
         worse = [p["system"] for p in res["nested"]["pairs"] if p["worse"]]
@@ -329,8 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--out", required=True, help="output directory (re-running reuses decodes)")
     cm.add_argument("--alpha", type=float, default=0.05, help="MAPSSWE significance level")
     cm.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
+    cm.add_argument("--lm", help="ARPA token LM (allinone lm) fused into the beam search of every system")
+    cm.add_argument("--lm-weight", type=float, default=0.5, help="weight of the LM's log-probabilities")
+    cm.add_argument("--length-bonus", type=float, default=0.0, help="score added per output token (beam search)")
     cm.add_argument("--device", default="cpu")
-    cm.add_argument("--num-workers", type=int, default=2, help="feature extraction workers")
+    cm.add_argument("--num-workers", type=int, default=2,
+                    help="processes for feature extraction and (beam > 1) the beam search")
     cm.add_argument("--nested", default=None, help="an `allinone bench` directory of a supernet: test its "
                     "nested systems against the runs of the same subnet (their individually trained twins)")
     cm.set_defaults(func=cmd_compare)

@@ -126,6 +126,30 @@ def test_rerun_reuses_decodes(setup):
     assert again["systems"] == setup["results"]["systems"]
 
 
+def test_another_decoding_decodes_again_and_is_recorded(setup, tmp_path):
+    """A saved decode is reused only when it was made the same way: with an LM (another beam,
+    weight) every system is decoded again, as ``allinone decode`` would with those options."""
+    import shutil
+
+    from allinone.eval.decode import DecodeOptions, decode_data_dir
+    from allinone.eval.ngram_lm import train_kneser_ney
+
+    lm = tmp_path / "lm.arpa"
+    train_kneser_ney([list("a<e"), list("bd")] * 3, 2, vocab=list("abcdefghi")).write_arpa(lm)
+    out = tmp_path / "out"
+    shutil.copytree(setup["out"], out)
+    res = compare_runs(setup["reference"], [parse_run(r) for r in setup["runs"]], [setup["data"]], out,
+                       num_workers=1, beam=3, lm=str(lm), lm_weight=3.0)
+    assert res["beam"] == 3 and res["lm_weight"] == 3.0
+    want = decode_data_dir(setup["reference"], setup["data"], tmp_path / "dec",
+                           DecodeOptions(beam=3, lm=str(lm), lm_weight=3.0, num_workers=1))
+    assert read_hyps(out / "reference" / "test") == read_hyps(tmp_path / "dec")
+    assert read_hyps(tmp_path / "dec") != read_hyps(setup["out"] / "reference" / "test")  # not the greedy ones
+    assert res["reference_wer"]["test"] == want["wer"]
+    info = json.loads((out / "reference" / "test" / "decode.json").read_text())
+    assert info["beam"] == 3 and info["lm_weight"] == 3.0
+
+
 def test_bad_inputs_fail_before_any_work(setup, tmp_path):
     with pytest.raises(ValueError, match="expected METHOD/LABEL=RUN_DIR"):
         parse_run("one_stage=exp/x")
@@ -360,6 +384,10 @@ def test_compare_runs_nested_bad_bench_fails_before_any_work(setup, nested_setup
     runs = [parse_run(r) for r in setup["runs"]]
     with pytest.raises(ValueError, match="no results.json"):
         compare_runs(setup["reference"], runs, [setup["data"]], tmp_path / "out", nested=tmp_path)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="decode both the same way"):  # the bench decoded greedily
+        compare_runs(setup["reference"], runs, [setup["data"]], tmp_path / "out", nested=nested_setup["bench"],
+                     beam=4)
     assert not (tmp_path / "out").exists()
     other = _data_dir(tmp_path / "other")  # a test set the bench did not decode
     with pytest.raises(ValueError, match=r"benchmarked on test sets \['test'\].*\['other'\]"):

@@ -193,7 +193,8 @@ def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
         "beam": opts.beam,
         "latency": latency,
         # (only with an LM: results saved before the option existed stay valid)
-        **({"lm": [str(Path(opts.lm).resolve()), opts.lm_weight, opts.length_bonus]} if opts.lm else {}),
+        **({"lm": [str(Path(opts.lm).resolve()) if opts.lm else None, opts.lm_weight, opts.length_bonus]}
+           if opts.lm or opts.length_bonus else {}),
     }
 
 

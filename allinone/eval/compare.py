@@ -75,17 +75,30 @@ def _check_run(run: MethodRun) -> tuple[dict, dict]:
     return alloc, timing
 
 
-def _decode(model_dir: Path, data_dirs: list[Path], out_dir: Path, beam: int, device: str,
-            num_workers: int) -> dict[str, dict]:
-    """Decode each test set once (reused when its wer.json exists); returns {set: {wer, hyps}}."""
-    from allinone.eval.bench import read_hyps
-    from allinone.eval.decode import DecodeOptions, decode_data_dir
+def _decoding(beam: int, lm: str | None, lm_weight: float, length_bonus: float) -> dict:
+    """What a decode's hypotheses depend on besides the model: beam, LM file, weight, bonus."""
+    return {"beam": beam, "lm": str(Path(lm).resolve()) if lm else None, "lm_weight": lm_weight if lm else None,
+            "length_bonus": length_bonus}
 
+
+def _decoding_of(decode_json: Path) -> dict:
+    d = json.loads(decode_json.read_text())
+    return _decoding(d.get("beam", 1), d.get("lm"), d.get("lm_weight", 0.0), d.get("length_bonus", 0.0))
+
+
+def _decode(model_dir: Path, data_dirs: list[Path], out_dir: Path, opts) -> dict[str, dict]:
+    """Decode each test set once with ``opts`` (a ``DecodeOptions``; reused when its wer.json
+    exists and was decoded the same way); returns {set: {wer, hyps}}."""
+    from allinone.eval.bench import read_hyps
+    from allinone.eval.decode import decode_data_dir
+
+    want = _decoding(opts.beam, opts.lm, opts.lm_weight, opts.length_bonus)
     out = {}
     for data in data_dirs:
         dest = out_dir / data.name
-        if not (dest / "wer.json").is_file():
-            decode_data_dir(model_dir, data, dest, DecodeOptions(beam=beam, device=device, num_workers=num_workers))
+        done = (dest / "wer.json").is_file() and (dest / "decode.json").is_file()
+        if not done or _decoding_of(dest / "decode.json") != want:
+            decode_data_dir(model_dir, data, dest, opts)
         out[data.name] = {"wer": json.loads((dest / "wer.json").read_text()), "hyps": read_hyps(dest)}
     return out
 
@@ -170,8 +183,12 @@ def _bench_sets(bench_dir: Path, bench: dict, compared: list[str]) -> list[str]:
 
 def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[str | Path], out_dir: str | Path,
                  alpha: float = 0.05, beam: int = 1, device: str = "cpu", num_workers: int = 2,
-                 nested: str | Path | None = None) -> dict:
+                 nested: str | Path | None = None, lm: str | None = None, lm_weight: float = 0.5,
+                 length_bonus: float = 0.0) -> dict:
     """Extract, decode and test every run against the float ``reference`` model directory.
+
+    beam, lm, lm_weight, length_bonus: how every system is decoded (``DecodeOptions``); a
+    saved decode made otherwise is decoded again.
 
     Writes ``out_dir/results.json`` and ``results.md``; returns the results dict. Every input
     is checked before any decoding starts (a missing run file is an error naming it).
@@ -193,7 +210,9 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     from allinone.eval.decode import DecodeOptions
 
-    DecodeOptions(beam=beam, device=device, num_workers=num_workers)  # checks them before any decoding
+    # checked before any decoding
+    dopts = DecodeOptions(beam=beam, device=device, num_workers=num_workers, lm=lm, lm_weight=lm_weight,
+                          length_bonus=length_bonus)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare: run names must be unique, got {names}")
@@ -206,12 +225,20 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
     if nested is not None:
         if not (Path(nested) / "results.json").is_file():
             raise ValueError(f"--nested {nested}: no results.json (an `allinone bench` output directory)")
-        _bench_sets(Path(nested), _read_json(Path(nested) / "results.json", "bench results (--nested)"),
-                    [d.name for d in data_dirs])
+        bench = _read_json(Path(nested) / "results.json", "bench results (--nested)")
+        _bench_sets(Path(nested), bench, [d.name for d in data_dirs])
+        # a nested system and its twin must be decoded alike (beam, LM), or the test compares decoders
+        settings = _read_json(Path(nested) / "systems" / bench["reference"] / "system.json", "bench system")["settings"]
+        lm_settings = settings.get("lm") or [None, None, 0.0]
+        theirs = _decoding(settings.get("beam", 1), lm_settings[0], lm_settings[1], lm_settings[2])
+        ours = _decoding(beam, lm, lm_weight, length_bonus)
+        if theirs != ours:
+            raise ValueError(f"--nested {nested}: benchmarked with {theirs}, compared with {ours}; "
+                             "decode both the same way (--beam, --lm, --lm-weight, --length-bonus)")
 
     ref_loaded = load_model_dir(reference)
     ref_fp32 = extracted_size(ref_loaded.model, {}).fp32_bytes
-    ref_dec = _decode(reference, data_dirs, out_dir / "reference", beam, device, num_workers)
+    ref_dec = _decode(reference, data_dirs, out_dir / "reference", dopts)
     refs_of = {d.name: {u.utt_id: u.text for u in read_data_dir(d)} for d in data_dirs}
     rows = []
     for run in runs:
@@ -221,7 +248,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         if not (model_dir / "config.json").is_file():
             extract_to_dirs(run.run_dir / "final", [alloc["subnet"]], model_dir)
         report = load_packed(model_dir / PACKED_WEIGHTS).size_report()  # what `allinone info` prints
-        dec = _decode(model_dir, data_dirs, sys_dir, beam, device, num_workers)
+        dec = _decode(model_dir, data_dirs, sys_dir, dopts)
         per_set = {}
         for name, d in dec.items():
             refs = {u: t for u, t in refs_of[name].items() if u in d["hyps"]}
@@ -250,6 +277,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
                                      reference=({n: d["hyps"] for n, d in ref_dec.items()}, ref_fp32))
     results = {
         "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, "beam": beam,
+        **({"lm": str(lm), "lm_weight": lm_weight, "length_bonus": length_bonus} if lm else {}),
         "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()},
         "reference_warning": reference_warning({n: d["wer"] for n, d in ref_dec.items()}), "systems": rows,
         "lossless": {m: (None if r is None else {"label": r["label"], "subnet": r["subnet"],
