@@ -16,7 +16,8 @@
 # (e.g. "tm10:specaug.num_time_masks=10;do2:model.encoder.dropout_rate=0.2") adds variants of
 # the float config trained alongside it into exp/variants/<name> (name them <config>_s<seed> to
 # get mean +- sd over seeds in exp/runs_table.md, bench/runs_table.py);
-# LM_WEIGHT (with LM_ORDER, LM_BONUS) also decodes every run with LM shallow fusion;
+# LM_WEIGHT (with LM_ORDER, LM_BONUS; bench/so762_env.sh) decodes with LM shallow fusion: the
+# baseline phase decodes every run again with it, supernet and twins decode only with it;
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
@@ -62,18 +63,16 @@ case $phase in
     # (a variant that failed before its first epoch has no history and is left out)
     runs=$(for d in $asr_exp ${names[@]/#/exp/variants/}; do [ ! -f $d/history.json ] || echo $d; done)
     "$python" "$root/bench/runs_table.py" $runs --out exp/runs_table.md
-    # LM_WEIGHT (e.g. 1.0; LM_ORDER default 8, LM_BONUS default 1.0): every run decoded again
-    # with beam 10 and the training transcripts' token n-gram LM fused in (CPU-bound: one
+    # LM_WEIGHT (so762_env.sh): every run decoded again with the LM fused in (CPU-bound: one
     # process per run and set, side by side), then a second table
     if [ -n "${LM_WEIGHT:-}" ]; then
-      lm=exp/lm/units${LM_ORDER:-8}.arpa dec=decode_beam10_lm${LM_ORDER:-8}w${LM_WEIGHT}b${LM_BONUS:-1.0}
-      [ -f $lm ] || cli lm data/train/text --tokenizer $asr_exp/final --order ${LM_ORDER:-8} --out $lm
+      opts=$(lm_decode_opts) dec=decode_beam10_lm${LM_ORDER:-12}w${LM_WEIGHT}b${LM_BONUS:-1.0}
       lm_pids=()
       for d in $runs; do
         for s in ${DECODE_SETS:-dev test}; do
           [ ! -f $d/final/config.json ] || [ -f $d/$dec/$s/wer.json ] || {
-            OMP_NUM_THREADS=1 cli decode $d/final --data data/$s --out $d/$dec/$s --beam 10 --lm $lm \
-              --lm-weight $LM_WEIGHT --length-bonus ${LM_BONUS:-1.0} --num-workers 1 > /dev/null 2>&1 & lm_pids+=($!); }
+            OMP_NUM_THREADS=1 cli decode $d/final --data data/$s --out $d/$dec/$s $opts --num-workers 1 \
+              > /dev/null 2>&1 & lm_pids+=($!); }
         done
       done
       for p in "${lm_pids[@]}"; do wait $p || echo "$0: an LM decode failed (see the runs' $dec)" >&2; done
@@ -86,7 +85,7 @@ case $phase in
     ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --train_opts \
       "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 supernet.num_random=1"
     cli bench "$sup_exp/final" --grid conf/grid24.yaml --data data/dev data/test --out "$sup_exp/bench" \
-      --device cuda --no-latency --num-workers 16
+      --device cuda --no-latency --num-workers 16 $(lm_decode_opts)
     ;;
   twins)
     # Each twin: the same float starting point, importance ordering, loss (labels + KL to the
@@ -101,7 +100,7 @@ case $phase in
       runs="$runs twin/$s=exp/twins/$s"
     done
     cli compare "$asr_exp/final" $runs --data data/dev data/test --out exp/twins/compare --device cuda \
-      --num-workers 16 --nested "$sup_exp/bench"
+      --num-workers 16 --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;
   *) echo "$0: unknown phase $phase (baseline, supernet or twins)" >&2; exit 1 ;;
 esac

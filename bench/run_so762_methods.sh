@@ -77,7 +77,8 @@ case $phase in
       if [ -f $dir/allocation.json ]; then runs="$runs ${run%_b*}/b${run##*_b}=$dir"
       else echo "$0: $dir not finished: left out" >&2; fi
     done
-    cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16
+    cli compare $float $runs --data data/dev data/test --out $exp/compare --device cuda --num-workers 16 \
+      $(lm_decode_opts)  # LM_WEIGHT: LM shallow fusion (bench/so762_env.sh)
     cat $exp/compare/results.md ;;
   *) echo "$0: unknown phase $phase (uniform, one_stage, two_stage, two_stage_search, all or compare)" >&2; exit 1 ;;
 esac
