@@ -195,6 +195,30 @@ def test_intermediate_ctc_experiment_keeps_its_loss(tmp_path, experiment):
     assert any("interctc_weight=0.3 ignored: no encoder_conf.interctc_layer_idx" in n for n in info["notes"])
 
 
+def test_self_conditioned_ctc_experiment_imports_to_the_same_function(tmp_path, experiment):
+    """An ESPnet experiment with self-conditioned CTC (``interctc_use_conditioning``): the
+    conditioning layer loads and the encoder output and loss equal ESPnet's."""
+    root, args, _ = experiment
+    args = copy.deepcopy(args)
+    args["encoder_conf"].update(interctc_layer_idx=[1], interctc_use_conditioning=True)
+    args["model_conf"]["interctc_weight"] = 0.3
+    ref = build_espnet(args).eval()
+    write_exp(tmp_path / "exp", args, ref.state_dict())
+    ours, info = load_espnet_asr(tmp_path / "exp")
+    assert info["config"].encoder.interctc_use_conditioning and ours.encoder.conditioning_layer is not None
+    ours.eval()
+    speech, speech_lens = torch.randn(2, 8000), torch.tensor([8000, 5600])
+    tokens, token_lens = torch.tensor([[3, 4, 5, 6], [7, 8, -1, -1]]), torch.tensor([4, 2])
+    with torch.no_grad():
+        (enc_ref, _), lens_ref = ref.encode(speech, speech_lens)
+        feats, feat_lens = ref.frontend(speech, speech_lens)
+        enc, lens = ours.encode(feats, feat_lens)
+        loss_ref = ref(speech, speech_lens, tokens.clone(), token_lens)[0]
+        out = ours(feats, feat_lens, tokens, token_lens)
+    assert torch.equal(lens, lens_ref) and (enc - enc_ref).abs().max().item() <= 1e-4
+    assert abs(out["loss"].item() - loss_ref.item()) <= 1e-4
+
+
 def test_espnet_defaults_table_matches_installed_espnet():
     from espnet2.asr.encoder.conformer_encoder import ConformerEncoder
 

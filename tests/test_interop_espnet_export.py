@@ -114,6 +114,35 @@ def test_export_matches_espnet(model_dir, tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
+def test_self_conditioned_model_exports_with_its_conditioning(tmp_path):
+    """Self-conditioned CTC changes the model function, so the export keeps the taps and the
+    conditioning layer: ESPnet's model built from the export computes our encoder output, and
+    our importer reads it back unchanged."""
+    tok = CharTokenizer(["<blank>", "<unk>", *CHARS, "<sos/eos>"])
+    torch.manual_seed(0)
+    enc = ConformerConfig(input_size=80, output_size=32, attention_heads=4, linear_units=64, num_blocks=2,
+                          cnn_module_kernel=7, interctc_layer_idx=[1], interctc_use_conditioning=True)
+    model = ASRModel(ASRModelConfig(encoder=enc, vocab_size=tok.vocab_size, ctc_weight=1.0, interctc_weight=0.2))
+    randomize_batchnorm(model)
+    _set_stats(model)
+    src = save_model_dir(tmp_path / "model", model.eval(), FbankConfig(), tok)
+    exp = export_espnet_asr(src, tmp_path / "exp")
+    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    assert cfg["encoder_conf"]["interctc_use_conditioning"] is True and cfg["encoder_conf"]["interctc_layer_idx"] == [1]
+    ref, _ = ASRTask.build_model_from_file(exp / "config.yaml", exp / "valid.acc.ave.pth", "cpu")
+    assert "encoder.conditioning_layer.weight" in ref.state_dict()
+    wave = torch.randn(16000, generator=torch.Generator().manual_seed(1))
+    feats = compute_fbank(wave, FbankConfig())
+    with torch.no_grad():
+        (enc_ref, _), _ = ref.eval().encode(wave[None], torch.tensor([wave.numel()]))
+        ours, _ = model.encode(feats[None], torch.tensor([feats.size(0)]))
+    assert (ours - enc_ref).abs().max().item() <= 1e-4
+    back, info = load_espnet_asr(exp)
+    assert info["config"].encoder == model.config.encoder
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
 @pytest.fixture(scope="module")
 def supernet_dir(tmp_path_factory):
     tok = CharTokenizer(["<blank>", "<unk>", *CHARS[: VOCAB - 3], "<sos/eos>"])

@@ -239,10 +239,14 @@ def batch(seed=0):
     return feats, feat_lens, tokens, token_lens
 
 
-@pytest.mark.parametrize("ctc_weight,interctc_weight", [(0.3, 0.0), (1.0, 0.0), (0.0, 0.0), (1.0, 0.4), (0.3, 0.5)])
-def test_asr_losses_match_espnet(tmp_path, ctc_weight, interctc_weight):
+@pytest.mark.parametrize("ctc_weight,interctc_weight,condition", [
+    (0.3, 0.0, False), (1.0, 0.0, False), (0.0, 0.0, False), (1.0, 0.4, False), (0.3, 0.5, False),
+    (1.0, 0.4, True), (0.3, 0.5, True),  # self-conditioned CTC
+])
+def test_asr_losses_match_espnet(tmp_path, ctc_weight, interctc_weight, condition):
     stats = write_stats(tmp_path / "feats_stats.npz")
-    enc = tiny(num_blocks=3, interctc_layer_idx=[1, 2]) if interctc_weight else tiny()
+    enc = tiny(num_blocks=3, interctc_layer_idx=[1, 2], interctc_use_conditioning=condition) \
+        if interctc_weight else tiny()
     cfg = ASRModelConfig(encoder=enc, vocab_size=VOCAB, ctc_weight=ctc_weight,
                          decoder=DECODER if ctc_weight < 1.0 else None, lsm_weight=0.1,
                          interctc_weight=interctc_weight)
@@ -322,13 +326,14 @@ def test_asr_config_roundtrip_and_errors():
         ASRModel(ASRModelConfig(encoder=tiny(), vocab_size=VOCAB, normalize=False)).set_normalize_stats({})
 
 
-@pytest.mark.parametrize("ctc_weight,interctc_weight", [(1.0, 0.0), (0.3, 0.0), (1.0, 0.3)])
-def test_asr_train_mode_gradients_match_espnet(tmp_path, ctc_weight, interctc_weight):
+@pytest.mark.parametrize("ctc_weight,interctc_weight,condition", [
+    (1.0, 0.0, False), (0.3, 0.0, False), (1.0, 0.3, False), (1.0, 0.3, True)])
+def test_asr_train_mode_gradients_match_espnet(tmp_path, ctc_weight, interctc_weight, condition):
     """Training mode (BatchNorm on batch statistics, dropout off): same loss and same
     gradient for every parameter as ESPnetASRModel, so a training run of ours is one of ESPnet's."""
     stats = write_stats(tmp_path / "feats_stats.npz")
     enc = tiny(dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0,
-               interctc_layer_idx=[1] if interctc_weight else [])
+               interctc_layer_idx=[1] if interctc_weight else [], interctc_use_conditioning=condition)
     dec = {**DECODER, "dropout_rate": 0.0, "positional_dropout_rate": 0.0}
     cfg = ASRModelConfig(encoder=enc, vocab_size=VOCAB, ctc_weight=ctc_weight,
                          decoder=dec if ctc_weight < 1.0 else None, lsm_weight=0.1, interctc_weight=interctc_weight)

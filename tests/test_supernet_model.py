@@ -259,3 +259,44 @@ def test_extracted_config_keeps_the_intermediate_ctc_taps_it_has():
     assert subnet_model_config(config, SubnetConfig.uniform(4, 48, 4, 8)).encoder.interctc_layer_idx == [1, 3]
     one = subnet_model_config(config, SubnetConfig.uniform(1, 48, 4, 8)).validate()
     assert one.encoder.interctc_layer_idx == [] and one.interctc_weight == 0.0
+
+
+@pytest.mark.parametrize("taps, text, kept", [([1, 3], "L4_F24_H2_B4", [1, 3]), ([1, 3], "L2_F48_H4_B8", [1]),
+                                              ([3], "L2_F24_H2_B2", [])])
+def test_self_conditioned_subnets_extract_and_pack(taps, text, kept, tmp_path):
+    """A self-conditioned supernet (CTC posteriors of each tap fed back through
+    ``conditioning_layer``): a subnet conditions on the taps it has, and its extracted, packed
+    model computes the same; one shallower than every tap is a plain encoder."""
+    import dataclasses
+
+    from allinone.data.features import FbankConfig
+    from allinone.data.tokenizer import CharTokenizer
+    from allinone.models.saved import load_model_dir, save_extracted
+
+    model = tiny_supernet(interctc_layer_idx=taps, interctc_use_conditioning=True).eval()
+    assert model.encoder.conditioning_layer.weight.shape == (model.config.encoder.output_size, model.config.vocab_size)
+    space = tiny_space().for_model(model.config)
+    model.search_space = space
+    subnet = space.parse(text)
+    b = tiny_batch(seed=4)
+    with torch.no_grad():
+        want, _ = model.encode(b["feats"], b["feat_lens"], subnet)
+        # the conditioning is really applied: without it the subnet computes something else
+        saved = {k: v.clone() for k, v in model.encoder.conditioning_layer.state_dict().items()}
+        for p in model.encoder.conditioning_layer.parameters():
+            p.zero_()
+        plain, _ = model.encode(b["feats"], b["feat_lens"], subnet)
+        model.encoder.conditioning_layer.load_state_dict(saved)
+    assert torch.allclose(want, plain) == (not kept)
+    small, quantized = extract(model, subnet)
+    assert small.config.encoder.interctc_layer_idx == kept
+    assert small.config.encoder.interctc_use_conditioning == bool(kept)
+    assert (small.encoder.conditioning_layer is not None) == bool(kept)
+    tok = CharTokenizer(["<blank>", "<unk>"] + list("abcdefghi") + ["<sos/eos>"])
+    loaded = load_model_dir(save_extracted(tmp_path / "m", small, quantized, FbankConfig(n_mels=40), tok))
+    with torch.no_grad():
+        got, _ = small.encode(b["feats"], b["feat_lens"])
+        again, _ = loaded.model.encode(b["feats"], b["feat_lens"])
+    assert (got - want).abs().max().item() <= TOL and (again - want).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="interctc_use_conditioning needs the blocks"):
+        dataclasses.replace(model.config.encoder, interctc_layer_idx=[]).validate()

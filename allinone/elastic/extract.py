@@ -55,6 +55,9 @@ def subnet_model_config(config: ASRModelConfig | Wav2Vec2Config,
         head_dim=None if max(heads) * d_k == enc.output_size else d_k,
         # Intermediate-CTC taps the subnet has (as it trains: counted along its blocks).
         interctc_layer_idx=[i for i in enc.interctc_layer_idx if i < subnet.depth],
+        # a self-conditioned subnet shallower than every tap is a plain encoder (as it runs)
+        interctc_use_conditioning=(enc.interctc_use_conditioning
+                                   and any(i < subnet.depth for i in enc.interctc_layer_idx)),
     )
     interctc_weight = config.interctc_weight if new_enc.interctc_layer_idx else 0.0
     return dataclasses.replace(config, encoder=new_enc, quant=None, interctc_weight=interctc_weight)

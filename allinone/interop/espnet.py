@@ -63,10 +63,11 @@ ESPNET_CONFORMER_DEFAULTS: dict[str, Any] = {
     "zero_triu": False,
     "cnn_module_kernel": 31,
     "interctc_layer_idx": [],
+    "interctc_use_conditioning": False,
 }
 
 # ESPnet encoder options we have no field for, with the only value we compute.
-_ENCODER_FIXED = {"concat_after": False, "interctc_use_conditioning": False, "ctc_trim": False, "qk_norm": False}
+_ENCODER_FIXED = {"concat_after": False, "ctc_trim": False, "qk_norm": False}
 # Options that change training only; any value is accepted, non-defaults are noted.
 _ENCODER_TRAINING_ONLY = {"stochastic_depth_rate": 0.0, "layer_drop_rate": 0.0}
 # Options without effect for the configurations we accept.
@@ -468,7 +469,8 @@ def export_espnet_asr(
             ``ConformerEncoder`` is uniform, head width ``output_size / heads``), a
             front end ESPnet's ``DefaultFrontend`` cannot express.
     Intermediate CTC (``interctc_weight``, ``encoder.interctc_layer_idx``) is training only and
-    is not exported (ESPnet's ``Speech2Text`` would decode every tap on each call).
+    is not exported (ESPnet's ``Speech2Text`` would decode every tap on each call), unless the
+    model is self-conditioned (``interctc_use_conditioning``), whose output depends on its taps.
     Returns:
         ``out_dir`` as a ``Path``.
     """
@@ -488,8 +490,11 @@ def export_espnet_asr(
         raise ValueError(f"this model cannot be expressed as ESPnet's ConformerEncoder: {e}") from None
     input_size = encoder_conf.pop("input_size")  # ASRTask passes the front end's output size itself
     # Intermediate CTC is training only, and with taps ESPnet's Speech2Text returns
-    # (n-best, decodes of every tap) instead of the n-best list: the export leaves it out.
-    encoder_conf.pop("interctc_layer_idx", None)
+    # (n-best, decodes of every tap) instead of the n-best list: the export leaves it out,
+    # unless the taps condition the model (self-conditioned CTC changes its output).
+    if not encoder_conf.get("interctc_use_conditioning"):
+        encoder_conf.pop("interctc_layer_idx", None)
+        encoder_conf.pop("interctc_use_conditioning", None)
     if fbank.n_mels != input_size:
         raise ValueError(f"front end has n_mels={fbank.n_mels} but the encoder expects input_size={input_size}")
     token_list = list(tokenizer.token_list)

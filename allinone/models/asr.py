@@ -83,6 +83,9 @@ class ASRModelConfig:
             raise ValueError(f"ASRModelConfig.ctc_weight={self.ctc_weight} must be in [0, 1]")
         if not 0.0 <= self.interctc_weight < 1.0:
             raise ValueError(f"ASRModelConfig.interctc_weight={self.interctc_weight} must be in [0, 1)")
+        if self.encoder.interctc_use_conditioning and self.ctc_weight == 0.0:
+            raise ValueError("encoder.interctc_use_conditioning (self-conditioned CTC) needs a CTC head "
+                             "(ctc_weight > 0)")
         if self.interctc_weight > 0.0 and (self.ctc_weight == 0.0 or not self.encoder.interctc_layer_idx):
             raise ValueError(f"ASRModelConfig.interctc_weight={self.interctc_weight} needs a CTC head (ctc_weight > 0) "
                              "and the blocks to tap (encoder.interctc_layer_idx, e.g. [6])")
@@ -155,6 +158,10 @@ class CTC(nn.Module):
     def log_probs(self, enc: torch.Tensor) -> torch.Tensor:
         """enc: [batch, frame, D] -> log-probabilities [batch, frame, V]."""
         return F.log_softmax(F.linear(enc, self.ctc_lo.weight, self.ctc_lo.bias), dim=-1)
+
+    def softmax(self, enc: torch.Tensor) -> torch.Tensor:
+        """enc: [batch, frame, D] -> posteriors [batch, frame, V] (self-conditioned CTC)."""
+        return F.softmax(F.linear(enc, self.ctc_lo.weight, self.ctc_lo.bias), dim=-1)
 
     def loss(
         self, enc: torch.Tensor, enc_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
@@ -249,6 +256,8 @@ class ASRModel(nn.Module):
             else None
         )
         self.ctc = CTC(enc.output_size, config.vocab_size) if config.ctc_weight > 0.0 else None
+        if enc.interctc_use_conditioning:  # (ESPnet's ESPnetASRModel does the same)
+            self.encoder.conditioning_layer = nn.Linear(config.vocab_size, enc.output_size)
         self.sos = self.eos = config.vocab_size - 1
         if config.quant is not None:
             add_quantizers(self, config.quant)
@@ -277,7 +286,8 @@ class ASRModel(nn.Module):
             feats = feats[:, : int(feat_lens.max())]
         if self.normalize is not None:
             feats, feat_lens = self.normalize(feats, feat_lens)
-        return self.encoder(feats, feat_lens, subnet, intermediate)
+        softmax = self.ctc.softmax if self.config.encoder.interctc_use_conditioning else None
+        return self.encoder(feats, feat_lens, subnet, intermediate, softmax)
 
     def ctc_log_probs(self, enc: torch.Tensor) -> torch.Tensor:
         """enc [B, T', D] -> CTC log-probabilities [B, T', V]."""

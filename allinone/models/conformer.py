@@ -112,6 +112,11 @@ class ConformerConfig:
     # Intermediate CTC: the blocks (1-based, < num_blocks) whose outputs, after the final
     # norm, also feed the CTC loss (ASRModelConfig.interctc_weight); training only.
     interctc_layer_idx: list[int] = dataclasses.field(default_factory=list)
+    # Self-conditioned CTC (ESPnet's; Nozaki & Komatsu 2021): at each tap the CTC posteriors
+    # of the tapped output, through ``conditioning_layer`` (Linear V -> D, made by the ASR
+    # model that owns the CTC head), are added to the block output the next block reads. It
+    # changes the model function, in training and decoding alike.
+    interctc_use_conditioning: bool = False
     # allinone only (None = ESPnet's uniform encoder): width of one attention head
     # (default output_size // attention_heads) and per-block FFN units / heads, which
     # extracted subnets need.
@@ -184,6 +189,9 @@ class ConformerConfig:
                 or not all(isinstance(i, int) and 0 < i < self.num_blocks for i in idx)):
             raise ValueError(f"ConformerConfig.interctc_layer_idx must list distinct blocks 1..{self.num_blocks - 1} "
                              f"(the last block's output is the CTC input already), got {idx!r}")
+        if self.interctc_use_conditioning and not idx:
+            raise ValueError("ConformerConfig.interctc_use_conditioning needs the blocks to condition on "
+                             "(interctc_layer_idx, e.g. [6])")
         if self.head_dim is None and self.output_size % self.attention_heads != 0:
             raise ValueError(
                 f"ConformerConfig.output_size={self.output_size} must be divisible by "
@@ -644,6 +652,9 @@ class ConformerEncoder(nn.Module):
         self.pos_enc = RelPositionalEncoding(config.output_size, config.positional_dropout_rate)
         self.encoders = nn.ModuleList(ConformerBlock(config, i) for i in range(config.num_blocks))
         self.after_norm = _layer_norm(config.output_size) if config.normalize_before else None
+        # Self-conditioned CTC: Linear(vocab, output_size), set by the model that owns the CTC
+        # head (``ASRModel``), as ESPnet's ESPnetASRModel sets it.
+        self.conditioning_layer: nn.Linear | None = None
 
     def output_size(self) -> int:
         return self.config.output_size
@@ -656,7 +667,7 @@ class ConformerEncoder(nn.Module):
 
     def forward(
         self, xs: torch.Tensor, lengths: torch.Tensor, subnet: SubnetConfig | None = None,
-        intermediate: bool = False,
+        intermediate: bool = False, ctc_softmax=None,
     ) -> tuple[torch.Tensor, ...]:
         """Encode a padded batch.
 
@@ -665,6 +676,8 @@ class ConformerEncoder(nn.Module):
             lengths: [batch] valid frames per utterance.
             subnet: the blocks, widths and bit-widths to run (None = every block, float).
             intermediate: also return the outputs of the ``interctc_layer_idx`` blocks.
+            ctc_softmax: [.., output_size] -> CTC posteriors [.., vocab]; needed (and only
+                used) with ``interctc_use_conditioning``.
         Returns:
             (out [batch, frame', output_size], out_lengths [batch]); frame' is about
             frame/4 (conv2d), /6 or /8.  Values at padded output frames are not zero
@@ -693,12 +706,18 @@ class ConformerEncoder(nn.Module):
         else:
             self.check_subnet(subnet)
             run = [(self.encoders[choice.index], choice) for choice in subnet.layers]
-        taps = set(self.config.interctc_layer_idx) if intermediate else set()
+        condition = self.config.interctc_use_conditioning
+        if condition and (ctc_softmax is None or self.conditioning_layer is None):
+            raise ValueError("this encoder is self-conditioned (interctc_use_conditioning): it needs the CTC "
+                             "head's softmax (ctc_softmax) and its conditioning_layer, which ASRModel sets")
+        taps = set(self.config.interctc_layer_idx) if intermediate or condition else set()
         inter = []
         for i, (block, choice) in enumerate(run, start=1):
             x = block(x, pos_emb, key_padding_mask, choice)
             if i in taps and i < len(run):
                 inter.append(self._final_norm(x))
+                if condition:
+                    x = x + self.conditioning_layer(ctc_softmax(inter[-1]))
         x = self._final_norm(x)
         return (x, out_lengths, inter) if intermediate else (x, out_lengths)
 
