@@ -114,11 +114,18 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int =
     # prefix -> [log p(ends in blank), log p(ends in last label)]
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, NEG_INF]}
     # prefix -> (its LM log-probability so far, the LM state after it)
-    lm_of: dict[tuple[int, ...], tuple[float, object]] = {(): (0.0, lm.initial_state())} if lm is not None else {}
+    lm_of: dict[tuple[int, ...], tuple[float, object]] = {}
+    if lm is not None:
+        lm_of[()] = (0.0, lm.initial_state())
 
-    def extra(prefix: tuple[int, ...]) -> float:
-        """The non-CTC part of a prefix's score (0 without LM and bonus)."""
-        return (lm_weight * lm_of[prefix][0] if lm is not None else 0.0) + length_bonus * len(prefix)
+    def extra(prefix: tuple[int, ...], final: bool = False) -> float:
+        """The non-CTC part of a prefix's score (0 without LM and bonus); ``final``: the
+        hypothesis ends here, so the LM's sentence end counts too."""
+        score = length_bonus * len(prefix)
+        if lm is not None:
+            total, state = lm_of[prefix]
+            score += lm_weight * (total + (lm.final(state) if final else 0.0))
+        return score
     for t in range(len(frames)):
         p_blank = frames[t][blank]
         nxt: dict[tuple[int, ...], list[float]] = {}
@@ -150,8 +157,7 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, beam: int = 10, blank: int =
                     add(prefix + (c,), 1, total + pc)
         ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(*kv[1]) + extra(kv[0]), reverse=True)
         beams = dict(ranked[:beam])
-    hyps = [(list(p), _logaddexp(pb, pnb) + extra(p) + (lm_weight * lm.final(lm_of[p][1]) if lm is not None else 0.0))
-            for p, (pb, pnb) in beams.items()]
+    hyps = [(list(p), _logaddexp(pb, pnb) + extra(p, final=True)) for p, (pb, pnb) in beams.items()]
     hyps.sort(key=lambda h: h[1], reverse=True)
     return hyps[: (nbest or beam)]
 
