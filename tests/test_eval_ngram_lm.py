@@ -128,6 +128,12 @@ def test_fused_beam_search_equals_brute_force():
         for toks, score in nbest:
             assert score == pytest.approx(exact[tuple(toks)], abs=1e-9)
         assert tuple(nbest[0][0]) == max(exact, key=exact.get)
+    # a cache that is emptied every few entries changes nothing
+    small = TokenLMScorer(lm, tokens, max_cache=3)
+    lp = random_log_probs(5, 3, 7, sharp=1.5)
+    assert ctc_prefix_beam_search(lp, beam=1000, lm=small, lm_weight=1.0) == \
+        ctc_prefix_beam_search(lp, beam=1000, lm=scorer, lm_weight=1.0)
+    assert len(small._cache) <= 3
     # weight 0 and no bonus: the plain search, whatever the LM
     lp = random_log_probs(6, 3, 9)
     assert ctc_prefix_beam_search(lp, beam=4, lm=scorer, lm_weight=0.0) == ctc_prefix_beam_search(lp, beam=4)

@@ -156,7 +156,7 @@ class NgramLM:
 
 
 def _discount(counts: Iterable[int]) -> float:
-    """Ney's discount D = n1 / (n1 + 2 n2) from the counts of counts, kept in (0, 1)."""
+    """Ney's discount D = n1 / (n1 + 2 n2) from the counts of counts, kept in [0.1, 0.9]."""
     c = Counter(counts)
     n1, n2 = c.get(1, 0), c.get(2, 0)
     if n1 == 0:
@@ -240,13 +240,25 @@ def _backoff_prob(prob: dict, backoff: dict, h: tuple[str, ...], w: str) -> floa
 
 class TokenLMScorer:
     """Shallow-fusion scorer over a model's token ids: maps ids to the tokenizer's units and
-    caches log p(token | last order-1 tokens). The state of a prefix is its LM context."""
+    caches log p(token | last order-1 tokens). The state of a prefix is its LM context.
+    The cache is emptied when it reaches ``max_cache`` entries (a long test set's beam search
+    would otherwise grow it by millions)."""
 
-    def __init__(self, lm: NgramLM, token_list: Sequence[str]):
+    def __init__(self, lm: NgramLM, token_list: Sequence[str], max_cache: int = 500_000):
         self.lm = lm
         self.token_list = list(token_list)
         self._cache: dict[tuple[tuple[str, ...], str], float] = {}
+        self.max_cache = max_cache
         self.keep = max(lm.order - 1, 1)
+
+    def _score(self, state: tuple[str, ...], token: str) -> float:
+        key = (state, token)
+        lp = self._cache.get(key)
+        if lp is None:
+            if len(self._cache) >= self.max_cache:
+                self._cache.clear()
+            lp = self._cache[key] = self.lm.score(state, token)
+        return lp
 
     def initial_state(self) -> tuple[str, ...]:
         return (BOS,)
@@ -254,19 +266,11 @@ class TokenLMScorer:
     def step(self, state: tuple[str, ...], token_id: int) -> tuple[float, tuple[str, ...]]:
         """(log p(token | state), the new state)."""
         token = self.token_list[token_id]
-        key = (state, token)
-        lp = self._cache.get(key)
-        if lp is None:
-            lp = self._cache[key] = self.lm.score(state, token)
-        return lp, (state + (token,))[-self.keep:]
+        return self._score(state, token), (state + (token,))[-self.keep:]
 
     def final(self, state: tuple[str, ...]) -> float:
         """log p(</s> | state): the end of the sentence."""
-        key = (state, EOS)
-        lp = self._cache.get(key)
-        if lp is None:
-            lp = self._cache[key] = self.lm.score(state, EOS)
-        return lp
+        return self._score(state, EOS)
 
 
 def read_text_sentences(path: str | os.PathLike) -> list[str]:
