@@ -162,6 +162,23 @@ def test_sampler_epochs_and_seed():
     assert firsts == sorted(firsts)
 
 
+def test_sortagrad_epochs_go_shortest_first_then_shuffle():
+    s = BucketBatchSampler(LENGTHS, 3000, seed=1, sorted_epochs=2)
+    unshuffled = list(BucketBatchSampler(LENGTHS, 3000, shuffle=False))
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        assert list(s) == unshuffled
+    s.set_epoch(2)  # from then on, what a sampler without SortaGrad gives
+    plain = BucketBatchSampler(LENGTHS, 3000, seed=1)
+    plain.set_epoch(2)
+    assert list(s) == list(plain) != unshuffled
+    # under DDP each rank takes its share of the sorted order
+    ranks = [BucketBatchSampler(LENGTHS, 3000, seed=1, num_replicas=2, rank=r, sorted_epochs=1) for r in (0, 1)]
+    both = [b for pair in zip(*map(list, ranks)) for b in pair]
+    longest = [max(LENGTHS[i] for i in b) for b in both]
+    assert longest == sorted(longest)
+
+
 @pytest.mark.parametrize("replicas", [2, 3, 4])
 def test_sampler_ddp_ranks(replicas):
     samplers = [BucketBatchSampler(LENGTHS, 3000, seed=5, num_replicas=replicas, rank=r) for r in range(replicas)]

@@ -165,6 +165,29 @@ def test_select_by_errors(digits, tmp_path):
         train(cfg)
 
 
+def test_sortagrad_reaches_the_sampler(digits, tmp_path, monkeypatch):
+    """train.sortagrad_epochs: the training batches of the first epochs come shortest first."""
+    import allinone.data.dataset as dataset
+
+    with pytest.raises(ValueError, match="sortagrad_epochs=-1 must be >= 0"):
+        train(tiny_config(digits, tmp_path / "bad", sortagrad_epochs=-1))
+    seen = []
+    real_iter = dataset.BucketBatchSampler.__iter__
+
+    def recording_iter(self):
+        for batch in real_iter(self):
+            if self.shuffle:  # the training loader's
+                seen.append((self.epoch, max(self.lengths[i] for i in batch)))
+            yield batch
+
+    monkeypatch.setattr(dataset.BucketBatchSampler, "__iter__", recording_iter)
+    train(tiny_config(digits, tmp_path / "exp", sortagrad_epochs=1, max_epochs=2, max_frames=500))
+    first = [n for e, n in seen if e == 0]
+    second = [n for e, n in seen if e == 1]
+    assert len(first) > 2 and first == sorted(first), seen
+    assert second != sorted(second)  # shuffled again
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli(["decode", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

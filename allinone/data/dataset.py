@@ -332,7 +332,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     Utterances are sorted by length and cut greedily into batches whose padded size
     ``max_len * batch_size`` stays <= ``max_frames`` (an utterance longer than ``max_frames`` gets
     a batch of its own, with a warning). The batches are fixed; their order is shuffled each
-    epoch (``set_epoch``) from ``seed + epoch``, the same on every rank.
+    epoch (``set_epoch``) from ``seed + epoch``, the same on every rank, except in the first
+    ``sorted_epochs`` epochs (0-based epoch < sorted_epochs), which go shortest first (SortaGrad).
 
     With ``num_replicas > 1`` (DDP), the largest batches are split in two until the batch count
     divides evenly, then rank ``r`` takes every ``num_replicas``-th batch of the shuffled order:
@@ -341,7 +342,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], max_frames: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, sorted_epochs: int = 0):
         if max_frames <= 0:
             raise ValueError(f"max_frames must be positive, got {max_frames}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -354,6 +355,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.sorted_epochs = sorted_epochs
         self.epoch = 0
         self.batches = self._split_for_replicas(self._make_batches())
 
@@ -393,8 +395,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(len(self.batches)))
-        if self.shuffle:
+        order = list(range(len(self.batches)))  # shortest first: _make_batches sorts by length
+        if self.shuffle and self.epoch >= self.sorted_epochs:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(self.batches), generator=g).tolist()
         for k in order[self.rank :: self.num_replicas]:

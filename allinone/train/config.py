@@ -93,6 +93,10 @@ class TrainSection:
     # Worker processes that collate training batches and apply SpecAugment (0 = the main
     # process); on a GPU, 2-4 keep that CPU work off the step's critical path.
     loader_workers: int = 0
+    # SortaGrad (Amodei et al. 2016; ESPnet1's --sortagrad): the first N epochs take the
+    # batches shortest first instead of shuffled, so CTC aligns short utterances before long
+    # ones; 0 = always shuffled.
+    sortagrad_epochs: int = 0
 
 
 MODEL_KINDS = ("conformer", "wav2vec2")

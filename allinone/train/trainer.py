@@ -160,14 +160,16 @@ class AugmentingCollate:
         return batch
 
 
-def make_loader(dataset, max_frames: int, shuffle: bool, seed: int, specaug=None, workers: int = 0):
+def make_loader(dataset, max_frames: int, shuffle: bool, seed: int, specaug=None, workers: int = 0,
+                sorted_epochs: int = 0):
     """Bucketed batches of ``dataset`` for this rank; ``specaug`` is applied at collation,
-    in ``workers`` processes (0 = in the main process)."""
+    in ``workers`` processes (0 = in the main process); the first ``sorted_epochs`` epochs
+    shortest first (SortaGrad)."""
     from allinone.data.dataset import BucketBatchSampler
 
     rank, world, _ = dist_info()
     sampler = BucketBatchSampler(dataset.lengths, max_frames, shuffle=shuffle, seed=seed,
-                                 num_replicas=world, rank=rank)
+                                 num_replicas=world, rank=rank, sorted_epochs=sorted_epochs)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=AugmentingCollate(specaug),
                                          num_workers=workers, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=workers > 0)
@@ -506,6 +508,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
     if cfg.train.select_by not in SELECT_BY:
         raise ValueError(f"train.select_by={cfg.train.select_by!r}; expected one of {', '.join(SELECT_BY)}")
+    if cfg.train.sortagrad_epochs < 0:
+        raise ValueError(f"train.sortagrad_epochs={cfg.train.sortagrad_epochs} must be >= 0")
     select_key = SELECT_BY[cfg.train.select_by]
     # What can be checked without reading audio is checked before exp_dir is written to.
     for key, d in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
@@ -573,7 +577,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
 
     budget = cfg.train.max_samples if waveforms else cfg.train.max_frames
     train_loader, train_sampler = make_loader(train_set, budget, True, cfg.train.seed, specaug,
-                                              cfg.train.loader_workers)
+                                              cfg.train.loader_workers, cfg.train.sortagrad_epochs)
     valid_loader, _ = make_loader(valid_set, budget, False, cfg.train.seed)
     # Greedy CTC decoding of the validation set every epoch (error rates in the log and history).
     valid_texts = {u.utt_id: u.text for u in valid_set.utts} if has_ctc_head(model) else None
