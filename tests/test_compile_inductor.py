@@ -28,6 +28,8 @@ import torch
 
 from allinone.models.asr import ASRModel, ASRModelConfig
 
+from test_compile_dynamic import _batch as dynamic_batch
+
 # (B, T, U); T mod 4 = 1, 2, 1: the subsampling, rel_shift and padding-mask shapes all change.
 TRAIN_SHAPES = [(3, 97, 5), (4, 130, 7), (2, 61, 4)]
 VALID_SHAPE = (5, 113, 6)
@@ -54,15 +56,10 @@ def _model(device="cpu") -> ASRModel:
 
 
 def _batch(i: int, b: int, t: int, u: int, device="cpu"):
-    g = torch.Generator().manual_seed(100 + i)
-    feats = torch.randn(b, t, 80, generator=g) * 10
-    lens = torch.randint(t // 2, t + 1, (b,), generator=g)
-    lens[0] = t  # padded to the longest utterance, as the trainer's collation does
-    tokens = torch.randint(1, 19, (b, u), generator=g)
-    token_lens = torch.randint(1, u + 1, (b,), generator=g)
-    token_lens[0] = u
-    tokens = tokens.masked_fill(torch.arange(u)[None, :] >= token_lens[:, None], -1)
-    return tuple(x.to(device) for x in (feats, lens, tokens, token_lens))
+    """test_compile_dynamic's batch (padded to its longest utterance, as the trainer's
+    collation does) with features of log-mel scale, on ``device``."""
+    feats, lens, tokens, token_lens = dynamic_batch(i, b, t, u)
+    return tuple(x.to(device) for x in (feats * 10, lens, tokens, token_lens))
 
 
 def _compile(model):
