@@ -354,13 +354,14 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     bar = tqdm(systems, desc="bench", unit="system", disable=not progress)
     from allinone.eval.decode import search_pool
 
-    todo = [name for name, _ in systems if _load_done(out_dir / "systems" / name, settings, test_sets) is None]
+    saved = {name: _load_done(out_dir / "systems" / name, settings, test_sets) for name, _ in systems}
+    todo = any(record is None for record in saved.values())
     num_utts = sum(len(ts.refs) for ts in test_sets) if todo else 0  # no pool when nothing is decoded
     with search_pool(_decode_options(opts), loaded.tokenizer.token_list, num_utts) as pool:
         for name, subnet in bar:
             bar.set_postfix_str(name)
             sys_dir = out_dir / "systems" / name
-            record = _load_done(sys_dir, settings, test_sets)
+            record = saved[name]
             if record is None:
                 record = _bench_system(name, subnet, model, dec_model, loaded.tokenizer, loaded.fbank,
                                        test_sets, latency_feats, sys_dir, opts, settings, ranges, lm, pool)
