@@ -66,7 +66,7 @@ case $phase in
     # LM_WEIGHT (so762_env.sh): every run decoded again with the LM fused in (CPU-bound: one
     # process per run and set, side by side), then a second table
     if [ -n "${LM_WEIGHT:-}" ]; then
-      opts=$(lm_decode_opts) dec=decode_beam10_lm${LM_ORDER:-12}w${LM_WEIGHT}b${LM_BONUS:-1.0}
+      opts=$(lm_decode_opts) dec=decode_beam10_lm${LM_ORDER}w${LM_WEIGHT}b${LM_BONUS}
       lm_pids=()
       for d in $runs; do
         for s in ${DECODE_SETS:-dev test}; do

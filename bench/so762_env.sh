@@ -11,10 +11,11 @@ cd "$root/egs/speechocean762/asr1"
 # phases decode with beam 10 and a token n-gram LM of the training transcripts fused in.
 # lm_decode_opts prints those decode options (nothing without LM_WEIGHT), training the LM
 # (exp/lm/units<order>.arpa, with the float model's tokenizer) the first time.
+LM_ORDER=${LM_ORDER:-12} LM_BONUS=${LM_BONUS:-1.0}
 lm_decode_opts() {
   [ -n "${LM_WEIGHT:-}" ] || return 0
-  local lm=exp/lm/units${LM_ORDER:-12}.arpa
-  [ -f $lm ] || cli lm data/train/text --tokenizer exp/asr_train_conformer/final --order ${LM_ORDER:-12} \
+  local lm=exp/lm/units$LM_ORDER.arpa
+  [ -f $lm ] || cli lm data/train/text --tokenizer exp/asr_train_conformer/final --order $LM_ORDER \
     --out $lm > /dev/null || return 1
-  echo "--beam 10 --lm $lm --lm-weight $LM_WEIGHT --length-bonus ${LM_BONUS:-1.0}"
+  echo "--beam 10 --lm $lm --lm-weight $LM_WEIGHT --length-bonus $LM_BONUS"
 }

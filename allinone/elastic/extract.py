@@ -44,6 +44,7 @@ def subnet_model_config(config: ASRModelConfig | Wav2Vec2Config,
     units = [c.ffn for c in subnet.layers]
     heads = [c.heads for c in subnet.layers]
     uniform_units, uniform_heads = len(set(units)) == 1, len(set(heads)) == 1
+    taps = [i for i in enc.interctc_layer_idx if i < subnet.depth]
     new_enc = dataclasses.replace(
         enc,
         num_blocks=subnet.depth,
@@ -53,13 +54,12 @@ def subnet_model_config(config: ASRModelConfig | Wav2Vec2Config,
         layer_attention_heads=None if uniform_heads else heads,
         # Keep the supernet's head width; write it only where ESPnet's rule would differ.
         head_dim=None if max(heads) * d_k == enc.output_size else d_k,
-        # Intermediate-CTC taps the subnet has (as it trains: counted along its blocks).
-        interctc_layer_idx=[i for i in enc.interctc_layer_idx if i < subnet.depth],
-        # a self-conditioned subnet shallower than every tap is a plain encoder (as it runs)
-        interctc_use_conditioning=(enc.interctc_use_conditioning
-                                   and any(i < subnet.depth for i in enc.interctc_layer_idx)),
+        # Intermediate-CTC taps the subnet has (as it trains: counted along its blocks); a
+        # self-conditioned subnet shallower than every tap is a plain encoder (as it runs).
+        interctc_layer_idx=taps,
+        interctc_use_conditioning=enc.interctc_use_conditioning and bool(taps),
     )
-    interctc_weight = config.interctc_weight if new_enc.interctc_layer_idx else 0.0
+    interctc_weight = config.interctc_weight if taps else 0.0
     return dataclasses.replace(config, encoder=new_enc, quant=None, interctc_weight=interctc_weight)
 
 

@@ -192,9 +192,8 @@ def _settings(model_dir, test_sets: list[TestSet], opts: BenchOptions) -> dict:
         "data": [str(t.path.resolve()) for t in test_sets],
         "beam": opts.beam,
         "latency": latency,
-        # (only with an LM: results saved before the option existed stay valid)
-        **({"lm": [str(Path(opts.lm).resolve()) if opts.lm else None, opts.lm_weight, opts.length_bonus]}
-           if opts.lm or opts.length_bonus else {}),
+        # the LM and bonus (only when used: results saved before the options existed stay valid)
+        **({"search": _decode_options(opts).search_settings()} if opts.lm or opts.length_bonus else {}),
     }
 
 

@@ -75,15 +75,12 @@ def _check_run(run: MethodRun) -> tuple[dict, dict]:
     return alloc, timing
 
 
-def _decoding(beam: int, lm: str | None, lm_weight: float, length_bonus: float) -> dict:
-    """What a decode's hypotheses depend on besides the model: beam, LM file, weight, bonus."""
-    return {"beam": beam, "lm": str(Path(lm).resolve()) if lm else None, "lm_weight": lm_weight if lm else None,
-            "length_bonus": length_bonus}
+def _saved_search(decode_json: Path) -> dict:
+    """The ``search_settings`` a saved decode was made with."""
+    from allinone.eval.decode import search_settings
 
-
-def _decoding_of(decode_json: Path) -> dict:
     d = json.loads(decode_json.read_text())
-    return _decoding(d.get("beam", 1), d.get("lm"), d.get("lm_weight", 0.0), d.get("length_bonus", 0.0))
+    return search_settings(d.get("beam", 1), d.get("lm"), d.get("lm_weight"), d.get("length_bonus", 0.0))
 
 
 def _decode(model_dir: Path, data_dirs: list[Path], out_dir: Path, opts) -> dict[str, dict]:
@@ -92,12 +89,12 @@ def _decode(model_dir: Path, data_dirs: list[Path], out_dir: Path, opts) -> dict
     from allinone.eval.bench import read_hyps
     from allinone.eval.decode import decode_data_dir
 
-    want = _decoding(opts.beam, opts.lm, opts.lm_weight, opts.length_bonus)
+    want = opts.search_settings()
     out = {}
     for data in data_dirs:
         dest = out_dir / data.name
         done = (dest / "wer.json").is_file() and (dest / "decode.json").is_file()
-        if not done or _decoding_of(dest / "decode.json") != want:
+        if not done or _saved_search(dest / "decode.json") != want:
             decode_data_dir(model_dir, data, dest, opts)
         out[data.name] = {"wer": json.loads((dest / "wer.json").read_text()), "hyps": read_hyps(dest)}
     return out
@@ -208,7 +205,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         raise ValueError("compare: give at least one run (METHOD/LABEL=RUN_DIR)")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    from allinone.eval.decode import DecodeOptions
+    from allinone.eval.decode import DecodeOptions, search_settings
 
     # checked before any decoding
     dopts = DecodeOptions(beam=beam, device=device, num_workers=num_workers, lm=lm, lm_weight=lm_weight,
@@ -229,9 +226,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         _bench_sets(Path(nested), bench, [d.name for d in data_dirs])
         # a nested system and its twin must be decoded alike (beam, LM), or the test compares decoders
         settings = _read_json(Path(nested) / "systems" / bench["reference"] / "system.json", "bench system")["settings"]
-        lm_settings = settings.get("lm") or [None, None, 0.0]
-        theirs = _decoding(settings.get("beam", 1), lm_settings[0], lm_settings[1], lm_settings[2])
-        ours = _decoding(beam, lm, lm_weight, length_bonus)
+        theirs, ours = settings.get("search") or search_settings(settings.get("beam", 1)), dopts.search_settings()
         if theirs != ours:
             raise ValueError(f"--nested {nested}: benchmarked with {theirs}, compared with {ours}; "
                              "decode both the same way (--beam, --lm, --lm-weight, --length-bonus)")
@@ -276,8 +271,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
         nested_result = nested_twins(nested, twins, seconds, refs_of, alpha,
                                      reference=({n: d["hyps"] for n, d in ref_dec.items()}, ref_fp32))
     results = {
-        "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, "beam": beam,
-        **({"lm": str(lm), "lm_weight": lm_weight, "length_bonus": length_bonus} if lm else {}),
+        "reference": str(reference), "reference_fp32_bytes": ref_fp32, "alpha": alpha, **dopts.search_settings(),
         "reference_wer": {n: d["wer"]["wer"] for n, d in ref_dec.items()},
         "reference_warning": reference_warning({n: d["wer"] for n, d in ref_dec.items()}), "systems": rows,
         "lossless": {m: (None if r is None else {"label": r["label"], "subnet": r["subnet"],

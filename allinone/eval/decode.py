@@ -31,6 +31,10 @@ class DecodeOptions:
     lm_weight: float = 0.5  # weight of its log-probabilities in the beam search's score
     length_bonus: float = 0.0  # added to the score per output token (beam search)
 
+    def search_settings(self) -> dict:
+        """What the hypotheses depend on besides the model and the data (``search_settings``)."""
+        return search_settings(self.beam, self.lm, self.lm_weight, self.length_bonus)
+
     def __post_init__(self):
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1 (1 = greedy CTC), got {self.beam}")
@@ -43,6 +47,15 @@ class DecodeOptions:
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         check_device(self.device)
+
+
+def search_settings(beam: int, lm: str | None = None, lm_weight: float | None = None,
+                    length_bonus: float = 0.0) -> dict:
+    """The search's part of a decode: beam, LM file (resolved), its weight (None without an
+    LM) and the length bonus. ``decode.json`` records it; ``allinone compare`` reuses a saved
+    decode, and ``--nested`` a bench, only when theirs is equal."""
+    return {"beam": beam, "lm": str(Path(lm).resolve()) if lm else None, "lm_weight": lm_weight if lm else None,
+            "length_bonus": length_bonus}
 
 
 def check_device(device: str) -> torch.device:
@@ -87,26 +100,25 @@ def attention_log_likelihood(model, enc: torch.Tensor, hyps: list[list[int]]) ->
     return (tok * mask).sum(-1)
 
 
-# Each beam-search worker process's settings and LM (set once by ``_init_search_worker``).
+# Each beam-search worker process's options and LM scorer (set once by ``_init_search_worker``).
 _WORKER_SEARCH: dict = {}
 
 
-def _init_search_worker(beam: int, lm_path: str | None, token_list: list[str] | None, lm_weight: float,
-                        length_bonus: float) -> None:
+def _init_search_worker(opts: DecodeOptions, token_list: list[str]) -> None:
     from allinone.data.dataset import _init_worker
     from allinone.eval.ngram_lm import NgramLM, TokenLMScorer
 
     _init_worker()  # one thread per worker
-    lm = TokenLMScorer(NgramLM.read_arpa(lm_path), token_list) if lm_path else None
-    _WORKER_SEARCH.update(beam=beam, lm=lm, lm_weight=lm_weight, length_bonus=length_bonus)
+    lm = TokenLMScorer(NgramLM.read_arpa(opts.lm), token_list) if opts.lm else None
+    _WORKER_SEARCH.update(opts=opts, lm=lm)
 
 
 def _search_in_worker(log_probs):
     from allinone.eval.ctc_decode import ctc_prefix_beam_search
 
-    w = _WORKER_SEARCH
-    return ctc_prefix_beam_search(torch.from_numpy(log_probs), beam=w["beam"], lm=w["lm"], lm_weight=w["lm_weight"],
-                                  length_bonus=w["length_bonus"])
+    opts = _WORKER_SEARCH["opts"]
+    return ctc_prefix_beam_search(torch.from_numpy(log_probs), beam=opts.beam, lm=_WORKER_SEARCH["lm"],
+                                  lm_weight=opts.lm_weight, length_bonus=opts.length_bonus)
 
 
 class BeamSearchPool:
@@ -120,9 +132,8 @@ class BeamSearchPool:
         from allinone.data.dataset import _single_thread_env
 
         with _single_thread_env():
-            self.pool = mp.get_context("spawn").Pool(
-                workers, initializer=_init_search_worker,
-                initargs=(opts.beam, opts.lm, list(token_list) if opts.lm else None, opts.lm_weight, opts.length_bonus))
+            self.pool = mp.get_context("spawn").Pool(workers, initializer=_init_search_worker,
+                                                     initargs=(opts, list(token_list)))
 
     def search(self, log_probs: list[torch.Tensor]) -> list[list[tuple[list[int], float]]]:
         """n-best lists of [frames, vocab] log-probabilities, in the order given."""
@@ -236,11 +247,11 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
     result = write_results(out_dir, refs, hyps)
     summary = {**result.to_dict(), "decode_seconds": seconds,
-               "beam": opts.beam, "model": str(model_dir), "data": str(data_dir),
-               **({"lm": str(opts.lm), "lm_weight": opts.lm_weight} if opts.lm else {}),
-               **({"length_bonus": opts.length_bonus} if opts.length_bonus else {})}
+               **opts.search_settings(), "model": str(model_dir), "data": str(data_dir)}
     logger.info("%s: WER %.2f%% on %d utterances -> %s", data_dir, summary.get("wer", float("nan")),
                 len(refs), out_dir)
-    with open(Path(out_dir) / "decode.json", "w") as f:
+    from allinone.utils import atomic_open
+
+    with atomic_open(Path(out_dir) / "decode.json") as f:  # allinone compare reads it to reuse a decode
         json.dump(summary, f, indent=2, default=str)
     return summary

@@ -198,17 +198,16 @@ def train_kneser_ney(sentences: Iterable[Sequence[str]], order: int, vocab: Iter
     vocab_set = {ng[0] for ng in raw[1]} | set(vocab) | {EOS, UNK}
     vocab_set.discard(BOS)
 
-    logp: dict[tuple[str, ...], float] = {}
-    backoff: dict[tuple[str, ...], float] = {}
-    prob: dict[tuple[str, ...], float] = {}  # linear probabilities of the stored n-grams
     # unigrams: interpolated with the uniform distribution
     d = _discount(counts[1].values())
     total = sum(counts[1].values())
-    seen = sum(1 for ng in counts[1] if ng[0] != BOS)
-    uniform_mass = d * seen / total
-    for w in vocab_set:
-        c = counts[1].get((w,), 0)
-        prob[(w,)] = max(c - d, 0.0) / total + uniform_mass / len(vocab_set)
+    uniform_mass = d * len(counts[1]) / total
+    logp = {(w,): math.log(max(counts[1].get((w,), 0) - d, 0.0) / total + uniform_mass / len(vocab_set))
+            for w in vocab_set}
+    logp[(BOS,)] = -math.inf  # never predicted; present so <s> can carry its back-off weight
+    lm = NgramLM(order, logp, {})
+    # Each order from the ones below it: the model's own back-off walk (``score``) gives the
+    # lower-order probability, over the entries filled so far.
     for n in range(2, order + 1):
         d = _discount(counts[n].values())
         by_context: dict[tuple[str, ...], list[tuple[str, int]]] = defaultdict(list)
@@ -217,25 +216,10 @@ def train_kneser_ney(sentences: Iterable[Sequence[str]], order: int, vocab: Iter
         for h, followers in by_context.items():
             c_h = sum(c for _, c in followers)
             gamma = d * len(followers) / c_h
-            backoff[h] = math.log(gamma)
+            lm.backoff[h] = math.log(gamma)
             for w, c in followers:
-                lower = _backoff_prob(prob, backoff, h[1:], w)
-                prob[h + (w,)] = (c - d) / c_h + gamma * lower
-    for ng, p in prob.items():
-        logp[ng] = math.log(p)
-    logp[(BOS,)] = -math.inf  # never predicted; present so <s> can carry its back-off weight
-    return NgramLM(order, logp, backoff)
-
-
-def _backoff_prob(prob: dict, backoff: dict, h: tuple[str, ...], w: str) -> float:
-    """p(w | h) of the lower orders built so far (linear)."""
-    scale = 1.0
-    while True:
-        p = prob.get(h + (w,))
-        if p is not None:
-            return scale * p
-        scale *= math.exp(backoff.get(h, 0.0))
-        h = h[1:]
+                lm.logp[h + (w,)] = math.log((c - d) / c_h + gamma * math.exp(lm.score(h[1:], w)))
+    return lm
 
 
 class TokenLMScorer:
