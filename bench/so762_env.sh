@@ -7,11 +7,12 @@ python=${PYTHON:-$root/.venv/bin/python}
 cli() { "$python" -m allinone.cli "$@"; }
 cd "$root/egs/speechocean762/asr1"
 
-# LM_WEIGHT (with LM_ORDER, default 12, and LM_BONUS, default 1.0; docs/benchmarks.md 4i): the
-# phases decode with beam 10 and a token n-gram LM of the training transcripts fused in.
+# LM_WEIGHT (1.5 chosen on dev; with LM_ORDER, default 12, and LM_BONUS, default 1.5;
+# docs/benchmarks.md 4i, 4j): the phases decode with beam 10 and a token n-gram LM of the
+# training transcripts fused in.
 # lm_decode_opts prints those decode options (nothing without LM_WEIGHT), training the LM
 # (exp/lm/units<order>.arpa, with the float model's tokenizer) the first time.
-LM_ORDER=${LM_ORDER:-12} LM_BONUS=${LM_BONUS:-1.0}
+LM_ORDER=${LM_ORDER:-12} LM_BONUS=${LM_BONUS:-1.5}
 lm_decode_opts() {
   [ -n "${LM_WEIGHT:-}" ] || return 0
   local lm=exp/lm/units$LM_ORDER.arpa

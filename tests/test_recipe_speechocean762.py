@@ -67,14 +67,16 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     assert (asr / "final" / "model.safetensors").stat().st_mtime_ns == mtime
 
     # Shallow fusion: stage 6 trains the LM of the training transcripts once and decodes the
-    # float model and every extracted system with it, into their own decode directories.
+    # float model and every extracted system with it, into their own decode directories
+    # (with the recipe's default length bonus, 1.5, which only the fused score gets).
     fused = run(["--corpus_root", corpus, "--subset", 12, "--stage", 6, "--stop_stage", 6, "--beam", 2,
                  "--lm_weight", 0.5, "--lm_order", 3], tmp_path)
     assert fused.returncode == 0, fused.stdout[-3000:] + fused.stderr[-3000:]
     assert (tmp_path / "exp" / "lm" / "units3.arpa").read_text().startswith("\\data\\")
-    for d in [asr / "decode_beam2_lm3w0.5b0", *(sup / "decode_beam2_lm3w0.5b0" / name for name in systems)]:
+    for d in [asr / "decode_beam2_lm3w0.5b1.5", *(sup / "decode_beam2_lm3w0.5b1.5" / name for name in systems)]:
         info = json.loads((d / "test" / "decode.json").read_text())
         assert info["beam"] == 2 and info["lm_weight"] == 0.5 and info["lm"].endswith("units3.arpa"), d
+        assert info["length_bonus"] == 1.5, d
 
     # Other data options than the stamp's are refused rather than silently reused.
     other = run(["--corpus_root", corpus, "--subset", 5, "--stop_stage", 1], tmp_path)

@@ -9,7 +9,7 @@
 #   ./run.sh --config conf/train_tiny.yaml --supernet_config conf/train_supernet_tiny.yaml \
 #            --grid conf/grid_tiny.yaml --beam 1        # minutes on a CPU
 #   ./run.sh --stage 6 --stop_stage 6                   # one stage
-#   ./run.sh --stage 6 --lm_weight 1.0 --lm_order 12 --length_bonus 1.0   # decode with an n-gram LM
+#   ./run.sh --stage 6 --lm_weight 0                    # decode without the n-gram LM
 # A finished stage is not redone (stamp files, or the final model's existence); an interrupted
 # training resumes from its checkpoint. Logs: <exp>/log/stageN_*.log.
 set -euo pipefail
@@ -31,9 +31,10 @@ test_sets="dev test"
 nj=4                       # feature-extraction / decoding worker processes
 beam=10                    # 1 = CTC greedy; >1 = CTC prefix beam search + attention rescoring
 ctc_weight=0.3
-lm_weight=0                # > 0 (with beam > 1): shallow fusion of a token n-gram LM of the
-lm_order=6                 #   training transcripts (allinone lm), trained in stage 6
-length_bonus=0             # added to the beam search's score per output token
+lm_weight=1.5              # > 0 (with beam > 1): shallow fusion of a token n-gram LM of the
+lm_order=12                #   training transcripts (allinone lm), trained in stage 6; 0 = none
+length_bonus=1.5           # added to the fused score per output token (with the LM only)
+                           # (weight, order and bonus chosen on dev: docs/benchmarks.md 4i, 4j)
 device=auto                # decoding and benchmark device: auto | cpu | cuda
 min_free_gb=2
 python=../../../.venv/bin/python
