@@ -167,7 +167,8 @@ def cmd_bench(args) -> None:
     print(f"{len(res['systems'])} systems x {len(res['test_sets'])} test sets -> {args.out}/results.md, "
           f"report.md, pareto.png ({res['resumed_systems']} resumed)")
     print(f"lossless compression ratio: {res['lossless_compression_ratio']:.2f}x ({res['lossless_system']}; "
-          f"reference {res['reference']}, MAPSSWE alpha {res['alpha']})")
+          f"reference {res['reference']}, MAPSSWE alpha {res['alpha']}); of the quantizable weights alone: "
+          f"{res['lossless_weights_ratio']:.2f}x ({res['lossless_weights_system']})")
     _warn_reference(res)
 
 
@@ -184,7 +185,8 @@ def cmd_compare(args) -> None:
               + (", ".join(worse) or "none"))
     for method, best in res["lossless"].items():
         print(f"lossless compression ratio of {method}: "
-              + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']})"))
+              + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x, {best['weights_ratio_vs_ref']:.2f}x of "
+                                             f"the quantizable weights ({best['label']}, {best['subnet']})"))
     _warn_reference(res)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -118,6 +119,7 @@ def test_reference_row_and_significance(setup):
         assert s["lossless"] == all(not s["test_sets"][t]["worse"] for t in ("test_a", "test_b"))
     best = max(s["ratio_vs_ref"] for s in res["systems"] if s["lossless"])
     assert res["lossless_compression_ratio"] == best
+    assert res["lossless_weights_ratio"] == max(s["weights_ratio_vs_ref"] for s in res["systems"] if s["lossless"])
 
 
 def test_sizes_equal_extracted_files(setup, tmp_path):
@@ -131,6 +133,16 @@ def test_sizes_equal_extracted_files(setup, tmp_path):
         assert f"packed parameter bytes: {s['packed_bytes']:,}" in describe_packed(path / PACKED_WEIGHTS)
         assert s["ratio"] == pytest.approx(report.compression_ratio)
         assert s["ratio_vs_ref"] == pytest.approx(ref_fp32 / report.packed_bytes)
+        # the quantizable weights alone, from the packed file's own tensors: codes + scales of the
+        # quantized ones (all block weights here), against the reference's block weights at 4 bytes
+        packed = load_packed(path / PACKED_WEIGHTS)
+        stored = sum(q.scale.numel() * 4 + math.ceil(q.codes.numel() * q.bits / 8) for q in packed.quantized.values())
+        if not packed.quantized:  # a float system keeps its block weights at 4 bytes
+            stored = 4 * sum(t.numel() for k, t in packed.state_dict.items()
+                             if k.startswith("encoder.encoders.") and k.endswith(".weight") and t.dim() in (2, 3)
+                             and "norm" not in k)
+        assert s["weight_bytes"] == stored
+        assert s["weights_ratio_vs_ref"] == pytest.approx(res["systems"][0]["weight_bytes"] / stored)
     # decoding the supernet with the subnet active == decoding the extracted model
     name = "L2_F24_H2_B2"
     summary = decode_data_dir(tmp_path / name, setup["data"][0], tmp_path / "dec",

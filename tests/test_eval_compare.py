@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 
 import numpy as np
@@ -78,6 +79,11 @@ def test_each_system_is_its_allocation_decoded_and_tested(setup):
         report = packed.size_report()
         assert r["packed_bytes"] == report.packed_bytes and r["average_bits"] == pytest.approx(report.average_bits)
         assert r["ratio_vs_ref"] == pytest.approx(res["reference_fp32_bytes"] / report.packed_bytes)
+        # the quantizable weights alone: every block weight is quantized here, so codes + scales
+        # against those weights' 4 bytes each
+        stored = sum(math.ceil(q.codes.numel() * q.bits / 8) + 4 * q.scale.numel() for q in packed.quantized.values())
+        assert r["weights_ratio_vs_ref"] == pytest.approx(
+            4 * sum(q.codes.numel() for q in packed.quantized.values()) / stored)
         hyps = read_hyps(sys_dir / "test")
         assert r["sets"]["test"]["wer"] == pytest.approx(score(refs, hyps).wer, abs=1e-4)
         test = mapsswe(refs, hyps, ref_hyps)

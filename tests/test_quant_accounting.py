@@ -59,6 +59,25 @@ def test_report_by_hand():
         size_report(tensors, {"a.weight": 9})
 
 
+def test_weight_bytes_by_hand():
+    """The quantizable weights' own bytes: quantized ones as stored, block weights kept float at
+    4 bytes; the front end, norms and biases never count."""
+    tensors = {"encoder.encoders.0.ff.weight": (8, 16), "encoder.encoders.0.conv.weight": (4, 1, 3),
+               "encoder.encoders.0.norm_ff.weight": (8,), "encoder.encoders.0.ff.bias": (8,),
+               "encoder.embed.conv.0.weight": (4, 1, 3, 3), "ctc.ctc_lo.weight": (5, 8)}
+    r = size_report(tensors, {"encoder.encoders.0.ff.weight": 2}, per_channel=True)
+    # ff: ceil(128 * 2 / 8) = 32 code bytes + 8 scales * 4; conv: 12 float values * 4
+    assert r.weight_bytes == 32 + 32 + 48
+    assert r.weight_fp32_bytes == 4 * (128 + 12)
+    assert r.weight_ratio == pytest.approx(560 / 112)
+    float_model = size_report(tensors, {})
+    assert float_model.weight_bytes == float_model.weight_fp32_bytes == 560
+    # other prefixes: wav2vec2's layers are the quantizable ones there
+    w2v = size_report({"encoder.transformer.layers.0.fc1.weight": (6, 4), "encoder.encoders.0.ff.weight": (8, 16)},
+                      {}, quant_prefixes=("encoder.transformer.layers.",))
+    assert w2v.weight_bytes == 4 * 24
+
+
 def test_report_matches_file_bytes(tmp_path):
     """A Conformer-like block: report bytes = tensor bytes the file holds (file size - header)."""
     g = torch.Generator().manual_seed(0)

@@ -256,6 +256,8 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
             "packed_bytes": size.packed_bytes,
             "fp32_bytes": size.fp32_bytes,
             "ratio": size.compression_ratio,
+            "weight_bytes": size.weight_bytes,
+            "weight_fp32_bytes": size.weight_fp32_bytes,
         },
         "wer": wer,
         "latency": latency,
@@ -278,6 +280,8 @@ def _load_done(sys_dir: Path, settings: dict, test_sets: list[TestSet]) -> dict 
         return None
     if record.get("settings") != settings:
         logger.info("%s: settings changed since the saved result; decoding it again", sys_dir.name)
+        return None
+    if "weight_bytes" not in record.get("size", {}):  # saved before the weights' own ratio was recorded
         return None
     if not all((sys_dir / ts.name / "text").is_file() for ts in test_sets):
         return None

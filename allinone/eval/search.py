@@ -66,7 +66,7 @@ def subnet_size(model, subnet: SubnetConfig):
     from allinone.elastic.mixed_precision import BLOCK_PREFIXES, weight_cell
     from allinone.elastic.quant import quantizable_layers
     from allinone.elastic.subnet import EXTRACTOR_KIND
-    from allinone.quant.accounting import size_report
+    from allinone.quant.accounting import DEFAULT_QUANT_PREFIXES, size_report
 
     with torch.device("meta"):
         small = type(model)(subnet_model_config(model.config, subnet))
@@ -91,7 +91,8 @@ def subnet_size(model, subnet: SubnetConfig):
         shape = small.get_parameter(name).shape
         bits[name] = b
         scales[name] = shape[0] if getattr(layer.quantizer, "per_channel", False) else 1
-    return size_report(small.state_dict(), bits, scale_counts=scales)
+    return size_report(small.state_dict(), bits, scale_counts=scales,
+                       quant_prefixes=getattr(small, "quant_prefixes", DEFAULT_QUANT_PREFIXES))
 
 
 def weight_bits(report, prefixes: tuple[str, ...] | None = None) -> float:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allinone.elastic.quant import QuantConfig, add_quantizers
+from allinone.quant.accounting import ARCH_QUANT_PREFIXES
 from allinone.elastic.slicing import subnet_weight
 from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig, check_fits
 from allinone.models.asr import ctc_loss
@@ -673,7 +674,7 @@ class Wav2Vec2CTCModel(nn.Module):
         """State-dict prefixes of the quantizable weights (``allinone.elastic.quant.quantizable_layers``):
         the transformer layers' Linears, plus the extractor's convolutions when ``extractor_bits`` < 32.
         The positional convolution, the feature projection and ``aux`` stay float."""
-        prefixes = ("encoder.transformer.layers.",)
+        prefixes = ARCH_QUANT_PREFIXES["wav2vec2_ctc"]
         if self.config.extractor_bits != FLOAT_BITS:
             prefixes += ("feature_extractor.conv_layers.",)
         return prefixes

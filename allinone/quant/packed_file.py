@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..utils import atomic_open
-from .accounting import SizeReport, size_report
+from .accounting import ARCH_QUANT_PREFIXES, DEFAULT_QUANT_PREFIXES, SizeReport, size_report
 from .pack import pack_codes, packed_nbytes, unpack_codes
 from .quantizer import SCALE_MODES, QuantizedTensor, scale_shape
 
@@ -74,7 +74,8 @@ class PackedModel:
     def size_report(self) -> SizeReport:
         """Accounting of this model (every tensor, scales included)."""
         counts = {k: q.scale.numel() for k, q in self.quantized.items()}
-        return size_report(self.state_dict, {k: q.bits for k, q in self.quantized.items()}, scale_counts=counts)
+        return size_report(self.state_dict, {k: q.bits for k, q in self.quantized.items()}, scale_counts=counts,
+                           quant_prefixes=ARCH_QUANT_PREFIXES.get(self.arch, DEFAULT_QUANT_PREFIXES))
 
 
 def _content_hash(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -1,0 +1,68 @@
+"""Packed size and both compression ratios of subnets, from the training config alone.
+
+A subnet's size depends only on the architecture and the subnet string, not on the weights,
+so this builds the supernet of the given configs (merged in order, later ones win) with
+untrained weights and extracts each subnet:
+
+    python bench/subnet_sizes.py egs/speechocean762/asr1/conf/train_conformer.yaml \
+        egs/speechocean762/asr1/conf/train_supernet.yaml --vocab 31 L12_F640_H4_B4 L6_F320_H4_B2
+
+prints, per subnet, the packed MiB, the average bits, the whole-model ratio against the
+largest float subnet (``ratio_vs_ref`` of ``allinone bench``) and the ratio of the
+quantizable weights alone (``weights_ratio_vs_ref``: how published ratios count; see
+docs/quantization.md, "Size accounting"). Run it from the directory the configs' relative
+paths (e.g. ``supernet.space``) start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from allinone.elastic.extract import extract, extracted_size
+from allinone.train.config import load_config
+from allinone.train.trainer import build_model
+
+MIB = 2 ** 20
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="+", help="YAML configs merged in order, then the subnet strings")
+    p.add_argument("--vocab", type=int, default=31, help="output units of the CTC layer (default 31)")
+    args = p.parse_args(argv)
+    configs = [c for c in args.configs if c.endswith((".yaml", ".yml"))]
+    subnets = [c for c in args.configs if c not in configs]
+    if not configs or not subnets:
+        p.error("give at least one YAML config and one subnet string")
+    merged = OmegaConf.merge(*(OmegaConf.load(c) for c in configs))
+    if "supernet" not in merged:
+        p.error("the merged configs have no supernet section: add the supernet config")
+    merged.supernet.init_from = None  # the sizes do not depend on the weights
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        OmegaConf.save(merged, f.name)
+        cfg = load_config(f.name)
+    n_mels = cfg.data.fbank.n_mels
+    stats = {"count": np.array(1.0), "sum": np.zeros(n_mels), "sum_square": np.ones(n_mels)}
+    model = build_model(cfg, args.vocab, stats).eval()
+    space = model.search_space
+    reference = extracted_size(*extract(model, space.largest()))  # the float model's shape
+    print("| subnet | packed MiB | avg bits | ratio vs ref | weights ratio vs ref |")
+    print("|---|---:|---:|---:|---:|")
+    for text in subnets:
+        try:
+            subnet = space.parse(text)
+        except ValueError as e:
+            sys.exit(f"{text}: {e}")
+        r = extracted_size(*extract(model, subnet))
+        bits = "32 (float)" if r.quantized_params == 0 else f"{r.average_bits:.2f}"
+        print(f"| {text} | {r.packed_bytes / MIB:.3f} | {bits} | {reference.fp32_bytes / r.packed_bytes:.2f}x | "
+              f"{reference.weight_fp32_bytes / r.weight_bytes:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
