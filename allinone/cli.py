@@ -185,8 +185,9 @@ def cmd_compare(args) -> None:
               + (", ".join(worse) or "none"))
     for method, best in res["lossless"].items():
         print(f"lossless compression ratio of {method}: "
-              + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x, {best['weights_ratio_vs_ref']:.2f}x of "
-                                             f"the quantizable weights ({best['label']}, {best['subnet']})"))
+              + ("none" if best is None else f"{best['ratio_vs_ref']:.2f}x ({best['label']}, {best['subnet']}); "
+                                             f"of the quantizable weights alone {best['weights_ratio_vs_ref']:.2f}x "
+                                             f"({best['weights_label']})"))
     _warn_reference(res)
 
 

@@ -11,7 +11,7 @@ prints, per subnet, the packed MiB, the average bits, the whole-model ratio agai
 largest float subnet (``ratio_vs_ref`` of ``allinone bench``) and the ratio of the
 quantizable weights alone (``weights_ratio_vs_ref``: how published ratios count; see
 docs/quantization.md, "Size accounting"). Run it from the directory the configs' relative
-paths (e.g. ``supernet.space``) start from.
+paths (e.g. ``supernet.space``) start from. Conformer configs (an fbank front end) only.
 """
 
 from __future__ import annotations
@@ -30,34 +30,45 @@ from allinone.train.trainer import build_model
 MIB = 2 ** 20
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("configs", nargs="+", help="YAML configs merged in order, then the subnet strings")
-    p.add_argument("--vocab", type=int, default=31, help="output units of the CTC layer (default 31)")
-    args = p.parse_args(argv)
-    configs = [c for c in args.configs if c.endswith((".yaml", ".yml"))]
-    subnets = [c for c in args.configs if c not in configs]
-    if not configs or not subnets:
-        p.error("give at least one YAML config and one subnet string")
+def build_supernet(configs: list[str], vocab: int):
+    """The untrained supernet of ``configs`` (YAML files merged in order; the weights do not
+    matter for sizes, so ``supernet.init_from`` is dropped)."""
     merged = OmegaConf.merge(*(OmegaConf.load(c) for c in configs))
     if "supernet" not in merged:
-        p.error("the merged configs have no supernet section: add the supernet config")
-    merged.supernet.init_from = None  # the sizes do not depend on the weights
+        raise ValueError("the merged configs have no supernet section: add the supernet config")
+    merged.supernet.init_from = None
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         OmegaConf.save(merged, f.name)
         cfg = load_config(f.name)
     n_mels = cfg.data.fbank.n_mels
     stats = {"count": np.array(1.0), "sum": np.zeros(n_mels), "sum_square": np.ones(n_mels)}
-    model = build_model(cfg, args.vocab, stats).eval()
+    return build_model(cfg, vocab, stats).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="+", help="YAML configs merged in order, then the subnet strings")
+    p.add_argument("--vocab", type=int, default=31, help="output units of the CTC layer (default 31)")
+    args = p.parse_intermixed_args(argv)  # --vocab may come after the subnets
+    configs = [c for c in args.configs if c.endswith((".yaml", ".yml"))]
+    subnets = [c for c in args.configs if c not in configs]
+    if not configs or not subnets:
+        p.error("give at least one YAML config and one subnet string")
+    try:
+        model = build_supernet(configs, args.vocab)
+    except ValueError as e:
+        p.error(str(e))
     space = model.search_space
+    parsed = []
+    for text in subnets:  # every string checked before the table starts
+        try:
+            parsed.append(space.parse(text))
+        except ValueError as e:
+            sys.exit(f"{text}: {e}")
     reference = extracted_size(*extract(model, space.largest()))  # the float model's shape
     print("| subnet | packed MiB | avg bits | ratio vs ref | weights ratio vs ref |")
     print("|---|---:|---:|---:|---:|")
-    for text in subnets:
-        try:
-            subnet = space.parse(text)
-        except ValueError as e:
-            sys.exit(f"{text}: {e}")
+    for text, subnet in zip(subnets, parsed):
         r = extracted_size(*extract(model, subnet))
         bits = "32 (float)" if r.quantized_params == 0 else f"{r.average_bits:.2f}"
         print(f"| {text} | {r.packed_bytes / MIB:.3f} | {bits} | {reference.fp32_bytes / r.packed_bytes:.2f}x | "

@@ -242,6 +242,12 @@ def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(setup["out"], out)
     (out / "systems" / "L2_F24_H2_B2" / "system.json").unlink()  # as if interrupted there
+    # a record saved before the weights-only sizes existed gets them without being decoded again
+    old = out / "systems" / "L4_F24_H4_B8" / "system.json"
+    record = json.loads(old.read_text())
+    saved_size = dict(record["size"])
+    del record["size"]["weight_bytes"], record["size"]["weight_fp32_bytes"]
+    old.write_text(json.dumps(record))
     done = []
     real = bench._bench_system
     monkeypatch.setattr(bench, "_bench_system", lambda name, *a, **k: done.append(name) or real(name, *a, **k))
@@ -249,6 +255,7 @@ def test_resume_skips_finished_systems(setup, tmp_path, monkeypatch):
                         front_end_calib=str(setup["data"][1]))
     res = run_bench(setup["model"], setup["grid"], setup["data"], out, opts, progress=False)
     assert done == ["L2_F24_H2_B2"] and res["resumed_systems"] == 3
+    assert json.loads(old.read_text())["size"] == saved_size
     before = _results(setup["out"])
     for a, b in zip(res["rows"], before["rows"]):
         assert {k: a[k] for k in ("system", "data", "wer", "p_value", "packed_bytes")} == \

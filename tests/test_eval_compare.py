@@ -399,3 +399,23 @@ def test_compare_runs_nested_bad_bench_fails_before_any_work(setup, nested_setup
     with pytest.raises(ValueError, match=r"benchmarked on test sets \['test'\].*\['other'\]"):
         compare_runs(setup["reference"], runs, [other], tmp_path / "out", nested=nested_setup["bench"])
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_weight_bytes_count_what_the_system_counts():
+    """A system that quantizes tensors the float reference does not count (a wav2vec2 extractor at
+    ``extractor_bits``) has them counted at 32 bits on the reference's side too."""
+    from types import SimpleNamespace
+
+    from allinone.eval.compare import reference_weight_bytes
+    from allinone.quant.accounting import size_report
+    from allinone.quant.quantizer import QuantizedTensor
+
+    layer, conv = "encoder.transformer.layers.0.fc1.weight", "feature_extractor.conv_layers.0.conv.weight"
+    ref = size_report({layer: (4, 4), conv: (2, 1, 3)}, {}, quant_prefixes=("encoder.transformer.layers.",))
+    assert ref.weight_fp32_bytes == 4 * 16  # the float reference counts its layers only
+
+    def q(shape):
+        return QuantizedTensor(torch.zeros(shape, dtype=torch.int8), torch.ones([1] * len(shape)), 4, "per_tensor")
+
+    assert reference_weight_bytes(ref, SimpleNamespace(quantized={layer: q((4, 4))})) == 4 * 16
+    assert reference_weight_bytes(ref, SimpleNamespace(quantized={layer: q((4, 4)), conv: q((2, 1, 3))})) == 4 * 22

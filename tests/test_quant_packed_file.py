@@ -1,6 +1,7 @@
 """Packed model files: bit-identical round trip, clear errors for damaged or foreign files."""
 
 import json
+import math
 import os
 
 import pytest
@@ -185,3 +186,8 @@ def test_describe(packed):
     assert "| encoder.encoders.0.feed_forward.w_1.weight | 24x16 | 2 | per_tensor |" in text
     assert "compression ratio" in text and "front-end" in text and "CTC output layer" in text
     assert f"parameters: {sum(t.numel() for t in sd.values()):,}" in text
+    # every block weight of this model is quantized: their fp32 bytes over codes + scales
+    q = load_packed(path).quantized
+    stored = sum(math.ceil(t.codes.numel() * t.bits / 8) + 4 * t.scale.numel() for t in q.values())
+    ratio = 4 * sum(t.codes.numel() for t in q.values()) / stored
+    assert f"compression ratio of the quantizable weights alone (as published ratios count): {ratio:.2f}x" in text

@@ -77,6 +77,14 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
         info = json.loads((d / "test" / "decode.json").read_text())
         assert info["beam"] == 2 and info["lm_weight"] == 0.5 and info["lm"].endswith("units3.arpa"), d
         assert info["length_bonus"] == 1.5, d
+    # --lm_weight 0 (or 0.0) decodes without the LM; a weight that is not a number is refused
+    plain = run(["--corpus_root", corpus, "--subset", 12, "--stage", 6, "--stop_stage", 6, "--beam", 2,
+                 "--lm_weight", "0.0"], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    info = json.loads((asr / "decode_beam2" / "test" / "decode.json").read_text())
+    assert info["beam"] == 2 and info["lm"] is None
+    bad = run(["--corpus_root", corpus, "--stage", 6, "--stop_stage", 6, "--lm_weight", "high"], tmp_path)
+    assert bad.returncode != 0 and "--lm_weight must be a number >= 0, got 'high'" in bad.stderr
 
     # Other data options than the stamp's are refused rather than silently reused.
     other = run(["--corpus_root", corpus, "--subset", 5, "--stop_stage", 1], tmp_path)

@@ -87,6 +87,9 @@ def test_train_lowers_loss_resumes_and_decodes(digits, tmp_path):
     history = json.loads((exp / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[2]["step"] > history[1]["step"]
+    # the new final/ averages the best epochs of the whole run, the first run's included
+    averaged = json.loads((final / "config.json").read_text())["averaged_epochs"]
+    assert sorted(averaged) == sorted(h["epoch"] for h in best_epochs(history, 2))
 
     out = tmp_path / "decode"
     assert cli(["decode", str(final), "--data", str(digits / "test"), "--out", str(out), "--num-workers", "1"]) == 0

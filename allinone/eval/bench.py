@@ -249,24 +249,33 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
                 front_end_ranges=front_end_ranges if backend == "cpu-int8-fe" else None).to_dict()
     record = {
         "system": name,
-        "size": {
-            "params": size.total_params,
-            "quantized_params": size.quantized_params,
-            "avg_bits": None if size.quantized_params == 0 else size.average_bits,
-            "packed_bytes": size.packed_bytes,
-            "fp32_bytes": size.fp32_bytes,
-            "ratio": size.compression_ratio,
-            "weight_bytes": size.weight_bytes,
-            "weight_fp32_bytes": size.weight_fp32_bytes,
-        },
+        "size": size_record(size),
         "wer": wer,
         "latency": latency,
         "settings": settings,
     }
+    _write_record(sys_dir, record)
+    return record
+
+
+def _write_record(sys_dir: Path, record: dict) -> None:
     with atomic_open(sys_dir / SYSTEM_FILE, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
-    return record
+
+
+def size_record(size) -> dict:
+    """The ``size`` entry of ``system.json`` from a ``SizeReport``."""
+    return {
+        "params": size.total_params,
+        "quantized_params": size.quantized_params,
+        "avg_bits": None if size.quantized_params == 0 else size.average_bits,
+        "packed_bytes": size.packed_bytes,
+        "fp32_bytes": size.fp32_bytes,
+        "ratio": size.compression_ratio,
+        "weight_bytes": size.weight_bytes,
+        "weight_fp32_bytes": size.weight_fp32_bytes,
+    }
 
 
 def _load_done(sys_dir: Path, settings: dict, test_sets: list[TestSet]) -> dict | None:
@@ -280,8 +289,6 @@ def _load_done(sys_dir: Path, settings: dict, test_sets: list[TestSet]) -> dict 
         return None
     if record.get("settings") != settings:
         logger.info("%s: settings changed since the saved result; decoding it again", sys_dir.name)
-        return None
-    if "weight_bytes" not in record.get("size", {}):  # saved before the weights' own ratio was recorded
         return None
     if not all((sys_dir / ts.name / "text").is_file() for ts in test_sets):
         return None
@@ -370,6 +377,13 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
                                        test_sets, latency_feats, sys_dir, opts, settings, ranges, lm, pool)
             else:
                 skipped += 1
+                if "weight_bytes" not in record["size"]:
+                    # saved before the weights-only ratio existed: sizes depend on the subnet alone,
+                    # so they are recomputed rather than the system decoded again
+                    from allinone.elastic.extract import extract, extracted_size
+
+                    record["size"] = size_record(extracted_size(*extract(model, subnet)))
+                    _write_record(sys_dir, record)
             records[name] = record
     if skipped:
         logger.info("bench: %d of %d systems were already done in %s (resumed)", skipped, len(systems), out_dir)

@@ -121,6 +121,7 @@ class SizeReport:
     tensors: list[TensorSize] = field(default_factory=list)
     weight_bytes: int = 0       # the quantizable weights as stored (codes + scales, or float)
     weight_fp32_bytes: int = 0  # the same weights at 32 bits
+    weight_names: tuple[str, ...] = ()  # which tensors those are
 
     @property
     def packed_bytes(self) -> int:
@@ -219,4 +220,5 @@ def size_report(named_tensors: Mapping[str, ShapeOrTensor], bits: Mapping[str, i
         tensors=rows,
         weight_bytes=sum(r.bytes for r in weights),
         weight_fp32_bytes=4 * sum(r.numel for r in weights),
+        weight_names=tuple(r.name for r in weights),
     )

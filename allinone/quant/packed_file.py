@@ -274,6 +274,8 @@ def describe_packed(path: str | os.PathLike) -> str:
         f"equivalent fp32 size: {report.fp32_bytes:,} ({_fmt_bytes(report.fp32_bytes)})",
         f"compression ratio (fp32 / packed parameters, all parameters and scales): "
         f"{report.compression_ratio:.2f}x (fp32 / file on disk: {ratio_disk:.2f}x)",
+        f"compression ratio of the quantizable weights alone (as published ratios count): "
+        f"{report.weight_ratio:.2f}x",
     ]
     return "\n".join(lines)
 

@@ -44,6 +44,7 @@ python=../../../.venv/bin/python
 . ../../utils/decode.sh
 
 [ -x "$python" ] || python=$(command -v python3)
+[[ $lm_weight =~ ^([0-9]+([.][0-9]*)?|[.][0-9]+)$ ]] || { echo "$0: --lm_weight must be a number >= 0, got '$lm_weight'" >&2; exit 1; }
 [ "$device" != auto ] || device=$("$python" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 require_file "$config" "training config (--config)"
 require_file "$supernet_config" "supernet config (--supernet_config)"
@@ -114,7 +115,7 @@ fi
 if run_stage 6 "decode and score ($test_sets)"; then
   check_data
   decode_dir=decode_beam$beam lm=""
-  if [ "$lm_weight" != 0 ] && [ "$beam" -gt 1 ]; then
+  if awk -v w="$lm_weight" 'BEGIN { exit !(w + 0 != 0) }' && [ "$beam" -gt 1 ]; then  # 0, 0.0: no LM
     # the LM's units are the float model's (the supernet and its systems share its tokenizer)
     require_file "$asr_exp/final/config.json" "float model (its tokenizer gives the LM's units)" "run stage 3 first"
     lm=$expdir/lm/units${lm_order}.arpa
