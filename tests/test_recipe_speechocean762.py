@@ -83,6 +83,14 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     assert plain.returncode == 0, plain.stderr[-3000:]
     info = json.loads((asr / "decode_beam2" / "test" / "decode.json").read_text())
     assert info["beam"] == 2 and info["lm"] is None
+    # stage 7 benchmarks the grid decoded as stage 6 decodes (here: beam 2 + the LM)
+    bench = run(["--corpus_root", corpus, "--subset", 12, "--stage", 7, "--stop_stage", 7, "--beam", 2,
+                 "--lm_weight", 0.5, "--lm_order", 3], tmp_path)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    for name in systems:
+        search = json.loads((sup / "bench" / "systems" / name / "system.json").read_text())["settings"]["search"]
+        assert search["beam"] == 2 and search["lm_weight"] == 0.5 and search["lm"].endswith("units3.arpa"), name
+    assert (sup / "bench" / ".done").read_text().splitlines()[1] == "grid=conf/grid_tiny.yaml decode_beam2_lm3w0.5b1.5"
     bad = run(["--corpus_root", corpus, "--stage", 6, "--stop_stage", 6, "--lm_weight", "high"], tmp_path)
     assert bad.returncode != 0 and "--lm_weight must be a number >= 0, got 'high'" in bad.stderr
 

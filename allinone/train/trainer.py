@@ -20,6 +20,7 @@ Conformer's (``build_wav2vec2``; docs/wav2vec2.md).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -701,6 +702,11 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> Path:
         logger.info("averaged epochs %s -> %s", [h["epoch"] for h in best], final_dir)
     if dist.is_initialized():
         dist.barrier()
+        # DDP's reducer holds the process group: free it while the interpreter is fully alive, since
+        # a gloo group torn down during interpreter shutdown can abort the process (SIGABRT,
+        # "terminate called without an active exception": seen once in CI on rank 1 at exit).
+        del ddp_model
+        gc.collect()
         dist.destroy_process_group()
     return final_dir
 

@@ -112,17 +112,22 @@ if run_stage 5 "extract the grid $grid"; then
   echo "extracted systems: $sup_exp/extracted/<subnet>"
 fi
 
+# setup_lm: what stages 6 and 7 decode with. With --lm_weight > 0 and --beam > 1, the n-gram LM
+# of the training transcripts (trained once, over the float model's units: the supernet and its
+# systems share its tokenizer) in $lm; $decode_dir names the decoding settings.
+setup_lm() {
+  decode_dir=decode_beam$beam lm=""
+  awk -v w="$lm_weight" 'BEGIN { exit !(w + 0 != 0) }' && [ "$beam" -gt 1 ] || return 0  # 0, 0.0: no LM
+  require_file "$asr_exp/final/config.json" "float model (its tokenizer gives the LM's units)" "run stage 3 first"
+  lm=$expdir/lm/units${lm_order}.arpa
+  [ -f "$lm" ] || run_logged "$expdir/lm/log/lm.log" cli lm "$datadir/train/text" --tokenizer "$asr_exp/final" \
+    --order "$lm_order" --out "$lm"
+  decode_dir=${decode_dir}_lm${lm_order}w${lm_weight}b${length_bonus}
+}
+
 if run_stage 6 "decode and score ($test_sets)"; then
   check_data
-  decode_dir=decode_beam$beam lm=""
-  if awk -v w="$lm_weight" 'BEGIN { exit !(w + 0 != 0) }' && [ "$beam" -gt 1 ]; then  # 0, 0.0: no LM
-    # the LM's units are the float model's (the supernet and its systems share its tokenizer)
-    require_file "$asr_exp/final/config.json" "float model (its tokenizer gives the LM's units)" "run stage 3 first"
-    lm=$expdir/lm/units${lm_order}.arpa
-    [ -f "$lm" ] || run_logged "$expdir/lm/log/lm.log" cli lm "$datadir/train/text" --tokenizer "$asr_exp/final" \
-      --order "$lm_order" --out "$lm"
-    decode_dir=${decode_dir}_lm${lm_order}w${lm_weight}b${length_bonus}
-  fi
+  setup_lm
   if [ -f "$asr_exp/final/config.json" ]; then decode_model "$asr_exp/final" "$asr_exp/$decode_dir"; fi
   if [ -d "$sup_exp/extracted" ]; then
     for m in "$sup_exp"/extracted/*/; do
@@ -138,12 +143,17 @@ fi
 if run_stage 7 "benchmark and report (allinone bench)"; then
   if ! cli bench --help >/dev/null 2>&1; then
     echo "skipped: this allinone has no 'bench' command yet"
-  elif ! is_done "$sup_exp/bench/.done" "grid=$grid"; then
-    require_file "$sup_exp/final/config.json" "supernet model" "run stage 4 first"
-    check_data
-    sets=(); for s in $test_sets; do sets+=("$datadir/$s"); done
-    run_logged "$sup_exp/log/stage7_bench.log" cli bench "$sup_exp/final" --grid "$grid" --data "${sets[@]}" --out "$sup_exp/bench"
-    mark_done "$sup_exp/bench/.done" "grid=$grid"
+  else
+    setup_lm  # the systems are decoded as stage 6 decodes them
+    if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir"; then
+      require_file "$sup_exp/final/config.json" "supernet model" "run stage 4 first"
+      check_data
+      sets=(); for s in $test_sets; do sets+=("$datadir/$s"); done
+      run_logged "$sup_exp/log/stage7_bench.log" cli bench "$sup_exp/final" --grid "$grid" --data "${sets[@]}" \
+        --out "$sup_exp/bench" --beam "$beam" --device "$device" --num-workers "$nj" \
+        ${lm:+--lm "$lm" --lm-weight "$lm_weight" --length-bonus "$length_bonus"}
+      mark_done "$sup_exp/bench/.done" "grid=$grid $decode_dir"
+    fi
   fi
   [ ! -d "$sup_exp/bench" ] || echo "benchmark: $sup_exp/bench (report.md first)"
 fi
