@@ -46,6 +46,23 @@ def cmd_lm(args) -> None:
     print(f"{args.order}-gram Kneser-Ney LM over {len(lm.vocab)} units ({counts}) -> {args.out}")
 
 
+def cmd_mapsswe(args) -> None:
+    import json
+
+    from allinone.eval.mapsswe import compare_transcripts
+    from allinone.utils import atomic_open
+
+    res = compare_transcripts(args.ref, args.system_a, args.system_b, alpha=args.alpha)
+    verdict = {"a": f"system a ({args.system_a})", "b": f"system b ({args.system_b})", None: "neither"}[res.better]
+    print(f"MAPSSWE over {res.num_segments} segments: system a {res.errors_a} errors, system b "
+          f"{res.errors_b} errors; W = {res.statistic:.3f}, p = {res.p_value:.3g}")
+    print(f"significantly better at alpha {res.alpha}: {verdict}")
+    if args.out:
+        with atomic_open(args.out) as f:
+            json.dump({"ref": args.ref, "system_a": args.system_a, "system_b": args.system_b, **res.to_dict()},
+                      f, indent=1)
+
+
 def _name(path: str) -> str:
     from pathlib import Path
 
@@ -279,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--subset", type=int, default=0,
                     help="speechocean762: keep N evenly spaced utterances per split (0 = all; for tests)")
     pr.set_defaults(func=cmd_prepare)
+
+    ms = sub.add_parser("mapsswe", help="significance of the difference between two systems' hypotheses "
+                                       "(NIST MAPSSWE; docs/scoring.md)")
+    ms.add_argument("system_a", help="decode directory (allinone decode --out) or Kaldi text file")
+    ms.add_argument("system_b", help="decode directory or Kaldi text file, same utterances")
+    ms.add_argument("--ref", required=True, help="data directory (its text) or Kaldi text file of the references")
+    ms.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    ms.add_argument("--out", default=None, help="also write the result as JSON here")
+    ms.set_defaults(func=cmd_mapsswe)
 
     e = sub.add_parser("import-espnet", help="convert an ESPnet2 ASR experiment into an allinone model")
     e.add_argument("exp_dir")

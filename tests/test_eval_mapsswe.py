@@ -132,3 +132,51 @@ def test_mismatched_ids_are_named():
         mapsswe(REFS, HYP_A, {**HYP_B, "zz": "x"})
     with pytest.raises(ValueError):
         mapsswe(REFS, HYP_A, HYP_B, alpha=1.5)
+
+
+def _write_text(path, texts):
+    path.write_text("".join(f"{u} {t}".rstrip() + "\n" for u, t in texts.items()), encoding="utf-8")
+    return path
+
+
+def test_command_on_decode_dirs_and_text_files(tmp_path, capsys):
+    """``allinone mapsswe A B --ref R``: the same result as ``mapsswe`` on the dicts, from decode
+    dirs (their ``text``) or text files, an empty hypothesis included; --out writes it as JSON."""
+    import json
+
+    from allinone.cli import main
+
+    refs = {f"u{i:02d}": "the cat sat on the mat today" for i in range(40)}
+    hyp_a = {u: ("the cat sat on a mat today" if i % 2 else "the cat sat on the mat today") for i, u in enumerate(refs)}
+    hyp_b = {u: ("a dog sat in a hat" if i % 3 else "the cat sat on the mat today") for i, u in enumerate(refs)}
+    hyp_b["u05"] = ""  # nothing recognised: the Kaldi line holds the id alone
+    (tmp_path / "data").mkdir(), (tmp_path / "dec_a").mkdir()
+    _write_text(tmp_path / "data" / "text", refs)
+    _write_text(tmp_path / "dec_a" / "text", hyp_a)
+    b_file = _write_text(tmp_path / "b.txt", hyp_b)
+    expected = mapsswe(refs, hyp_a, hyp_b)
+    assert expected.significant and expected.better == "a"
+    out = tmp_path / "res.json"
+    assert main(["mapsswe", str(tmp_path / "dec_a"), str(b_file), "--ref", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"system a {expected.errors_a} errors, system b {expected.errors_b} errors; "
+            f"W = {expected.statistic:.3f}, p = {expected.p_value:.3g}") in printed
+    assert f"significantly better at alpha 0.05: system a ({tmp_path / 'dec_a'})" in printed
+    saved = json.loads(out.read_text())
+    assert {k: saved[k] for k in expected.to_dict()} == expected.to_dict()
+
+
+def test_command_names_bad_input(tmp_path, capsys):
+    from allinone.cli import main
+
+    _write_text(tmp_path / "ref", {"u1": "a b", "u2": "c d"})
+    _write_text(tmp_path / "a", {"u1": "a b", "u2": "c d"})
+    _write_text(tmp_path / "b", {"u1": "a b"})
+    assert main(["mapsswe", str(tmp_path / "a"), str(tmp_path / "missing"), "--ref", str(tmp_path / "ref")]) == 2
+    assert f"system b {tmp_path / 'missing'}: no Kaldi text file there" in capsys.readouterr().err
+    assert main(["mapsswe", str(tmp_path / "a"), str(tmp_path / "b"), "--ref", str(tmp_path / "ref")]) == 2
+    assert "reference ids have no system b hypothesis: u2" in capsys.readouterr().err
+    _write_text(tmp_path / "ref", {"u1": "a b", "u2": ""})  # a reference without words is malformed
+    assert main(["mapsswe", str(tmp_path / "a"), str(tmp_path / "a"), "--ref", str(tmp_path / "ref")]) == 2
+    assert "malformed line" in capsys.readouterr().err

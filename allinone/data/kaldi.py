@@ -97,6 +97,13 @@ def _read_table(path: Path, allow_empty_value: bool = False) -> dict[str, str]:
     return table
 
 
+def read_text(path: str | os.PathLike, allow_empty: bool = False) -> dict[str, str]:
+    """A Kaldi ``text`` file (``<utt id> <words>``) as ``{utt id: words}``, whitespace normalised
+    as ``read_data_dir`` reads transcripts; ``allow_empty``: lines with an id alone (an empty
+    hypothesis) are kept as "". A malformed line or a repeated id is a ``DataError``."""
+    return {k: " ".join(v.split()) for k, v in _read_table(Path(path), allow_empty).items()}
+
+
 def _read_segments(path: Path) -> dict[str, tuple[str, float, float | None]]:
     """Read ``segments``: ``seg_id -> (reco_id, start, end)``; an end of -1 means end of file."""
     segments: dict[str, tuple[str, float, float | None]] = {}

@@ -41,7 +41,9 @@ sc_stats details we reproduce (it is the reference; SCTK 2.4.x ``mtchprs.c``)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from allinone.eval.wer import CORRECT, INS, align_utterance, check_same_ids
@@ -237,5 +239,25 @@ def mapsswe(refs: Mapping[str, str], hyps_a: Mapping[str, str], hyps_b: Mapping[
     )
 
 
+def read_transcripts(path: str | os.PathLike, what: str, allow_empty: bool = False) -> dict[str, str]:
+    """The Kaldi ``text`` of a data dir or decode dir (``<dir>/text``), or a ``text`` file itself."""
+    from allinone.data.kaldi import read_text
+
+    path = Path(path)
+    text = path / "text" if path.is_dir() else path
+    if not text.is_file():
+        raise ValueError(f"{what} {path}: no Kaldi text file there (looked for {text})")
+    return read_text(text, allow_empty)
+
+
+def compare_transcripts(ref: str | os.PathLike, system_a: str | os.PathLike, system_b: str | os.PathLike,
+                        alpha: float = 0.05) -> MapsswResult:
+    """MAPSSWE of two systems' hypotheses (decode dirs or ``text`` files) on the references of
+    ``ref`` (a data dir or a ``text`` file): the ``allinone mapsswe`` command."""
+    refs = read_transcripts(ref, "references")
+    return mapsswe(refs, read_transcripts(system_a, "system a", allow_empty=True),
+                   read_transcripts(system_b, "system b", allow_empty=True), alpha=alpha)
+
+
 __all__ = ["MIN_GOOD", "MapsswResult", "Segment", "mapsswe", "matched_pairs_statistic",
-           "segment_errors", "two_tailed_p"]
+           "segment_errors", "two_tailed_p", "read_transcripts", "compare_transcripts"]
