@@ -11,7 +11,8 @@ prints, per subnet, the packed MiB, the average bits, the whole-model ratio agai
 largest float subnet (``ratio_vs_ref`` of ``allinone bench``) and the ratio of the
 quantizable weights alone (``weights_ratio_vs_ref``: how published ratios count; see
 docs/quantization.md, "Size accounting"). Run it from the directory the configs' relative
-paths (e.g. ``supernet.space``) start from. Conformer configs (an fbank front end) only.
+paths (e.g. ``supernet.space``) start from. Conformer and wav2vec2 configs alike (docs/benchmarks.md
+10b has both).
 """
 
 from __future__ import annotations
