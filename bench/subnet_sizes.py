@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from allinone.elastic.extract import extract, extracted_size
 from allinone.train.config import load_config
@@ -34,13 +32,10 @@ MIB = 2 ** 20
 def build_supernet(configs: list[str], vocab: int):
     """The untrained supernet of ``configs`` (YAML files merged in order; the weights do not
     matter for sizes, so ``supernet.init_from`` is dropped)."""
-    merged = OmegaConf.merge(*(OmegaConf.load(c) for c in configs))
-    if "supernet" not in merged:
+    cfg = load_config(configs)
+    if not cfg.supernet:
         raise ValueError("the merged configs have no supernet section: add the supernet config")
-    merged.supernet.init_from = None
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        OmegaConf.save(merged, f.name)
-        cfg = load_config(f.name)
+    cfg.supernet["init_from"] = None
     n_mels = cfg.data.fbank.n_mels
     stats = {"count": np.array(1.0), "sum": np.zeros(n_mels), "sum_square": np.ones(n_mels)}
     return build_model(cfg, vocab, stats).eval()

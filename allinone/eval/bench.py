@@ -170,11 +170,9 @@ def load_test_set(path: str | os.PathLike, name: str, fbank, tokenizer, opts: Be
 
 def read_hyps(decode_dir: str | os.PathLike) -> dict[str, str]:
     """Hypotheses from a decode dir's Kaldi ``text`` file (``uttid words``; an empty hypothesis is just ``uttid``)."""
-    hyps = {}
-    for line in Path(decode_dir, "text").read_text(encoding="utf-8").splitlines():
-        utt, _, words = line.partition(" ")
-        hyps[utt] = words.strip()
-    return hyps
+    from allinone.data.kaldi import read_text
+
+    return read_text(Path(decode_dir, "text"), allow_empty=True)
 
 
 # --------------------------------------------------------------------------- one system
@@ -306,6 +304,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     Returns the content of ``results.json``.  Every grid entry (and ``opts.reference``) is
     validated against the model's search space before any decoding starts.
     """
+    from allinone.elastic.extract import extract, extracted_size
     from allinone.eval.mapsswe import mapsswe
     from allinone.eval.report import build_results, write_outputs
     from allinone.models.saved import load_model_dir
@@ -380,8 +379,6 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
                 if "weight_bytes" not in record["size"]:
                     # saved before the weights-only ratio existed: sizes depend on the subnet alone,
                     # so they are recomputed rather than the system decoded again
-                    from allinone.elastic.extract import extract, extracted_size
-
                     record["size"] = size_record(extracted_size(*extract(model, subnet)))
                     _write_record(sys_dir, record)
             records[name] = record

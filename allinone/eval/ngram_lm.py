@@ -258,16 +258,14 @@ class TokenLMScorer:
 
 
 def read_text_sentences(path: str | os.PathLike) -> list[str]:
-    """Transcripts of a Kaldi ``text`` file (``utt_id words...``), one per utterance."""
+    """Transcripts of a Kaldi ``text`` file (``utt_id words...``), one per utterance (as
+    ``read_data_dir`` reads them for training; lines with an id alone are skipped)."""
+    from allinone.data.kaldi import read_text
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"text file {path} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(maxsplit=1)
-            if len(parts) == 2 and parts[1].strip():
-                out.append(parts[1].strip())
+    out = [t for t in read_text(path, allow_empty=True).values() if t]
     if not out:
         raise ValueError(f"{path} holds no transcript (expected Kaldi 'utt_id words...' lines)")
     return out

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from allinone.elastic.quant import QuantConfig, add_quantizers
-from allinone.quant.accounting import ARCH_QUANT_PREFIXES
 from allinone.elastic.slicing import subnet_weight
 from allinone.elastic.subnet import FLOAT_BITS, LayerChoice, SubnetConfig, check_fits
 from allinone.models.asr import ctc_loss
+from allinone.quant.accounting import ARCH_QUANT_PREFIXES
 
 __all__ = [
     "Wav2Vec2Config",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -166,8 +166,9 @@ class ExperimentConfig:
     supernet: Optional[dict[str, Any]] = None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML config, apply ``key=value`` overrides, check keys and types.
+def load_config(path: str | Path | Sequence[str | Path] | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or several, merged in order: later ones win, as a supernet config
+    over its float baseline's), apply ``key=value`` overrides, check keys and types.
 
     Returns a plain :class:`ExperimentConfig` (interpolations resolved).
     """
@@ -175,13 +176,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"override(s) {', '.join(bad)} lack a value: write key=value, e.g. train.max_steps=100")
+    paths = [] if path is None else [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    path = ", ".join(map(str, paths))  # for the error message below
     try:
         parts = [schema]
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ValueError(f"config file not found: {path}")
-            parts.append(OmegaConf.create(read_yaml(path, "config file") or {}))
+        for p in paths:
+            if not p.is_file():
+                raise ValueError(f"config file not found: {p}")
+            parts.append(OmegaConf.create(read_yaml(p, "config file") or {}))
         for o in overrides:  # omegaconf reads each value as YAML: name the one that is not
             try:
                 parts.append(OmegaConf.from_dotlist([o]))
