@@ -163,6 +163,13 @@ def _bench_command(args) -> str:
              "--latency-utts", str(args.latency_utts), "--alpha", str(args.alpha)]
     if args.reference:
         words += ["--reference", args.reference]
+    if args.float_model:
+        words += ["--float-model", args.float_model]
+    if args.lm:
+        words += ["--lm", args.lm, "--lm-weight", str(args.lm_weight), "--length-bonus", str(args.length_bonus)]
+    elif args.length_bonus:
+        words += ["--length-bonus", str(args.length_bonus)]
+    words += ["--num-workers", str(args.num_workers)]
     if args.threads is not None:
         words += ["--threads", str(args.threads)]
     if args.no_latency:
@@ -174,18 +181,17 @@ def _bench_command(args) -> str:
 
 def cmd_bench(args) -> None:
     from allinone.eval.bench import BenchOptions, run_bench
+    from allinone.eval.report import lossless_summary, significance_reference
 
     opts = BenchOptions(beam=args.beam, device=args.device, threads=args.threads, latency=not args.no_latency,
                         latency_repeats=args.latency_repeats, latency_utts=args.latency_utts,
                         alpha=args.alpha, reference=args.reference, num_workers=args.num_workers,
                         front_end_calib=args.int8_front_end_calib, lm=args.lm, lm_weight=args.lm_weight,
-                        length_bonus=args.length_bonus)
+                        length_bonus=args.length_bonus, float_model=args.float_model)
     res = run_bench(args.model, args.grid, args.data, args.out, opts, command=_bench_command(args))
     print(f"{len(res['systems'])} systems x {len(res['test_sets'])} test sets -> {args.out}/results.md, "
           f"report.md, pareto.png ({res['resumed_systems']} resumed)")
-    print(f"lossless compression ratio: {res['lossless_compression_ratio']:.2f}x ({res['lossless_system']}; "
-          f"reference {res['reference']}, MAPSSWE alpha {res['alpha']}); of the quantizable weights alone: "
-          f"{res['lossless_weights_ratio']:.2f}x ({res['lossless_weights_system']})")
+    print(f"{lossless_summary(res)} (against {significance_reference(res)}, MAPSSWE alpha {res['alpha']})")
     _warn_reference(res)
 
 
@@ -333,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--data", nargs="+", required=True, help="Kaldi data directories (test sets)")
     bn.add_argument("--out", required=True, help="output directory (re-running resumes)")
     bn.add_argument("--reference", default=None, help="reference subnet (default: the largest float one)")
+    bn.add_argument("--float-model", default=None, metavar="MODEL_DIR",
+                    help="a separately trained float model (e.g. the one the supernet started from): "
+                         "significance and 'lossless' are judged against it instead of the reference subnet")
     bn.add_argument("--alpha", type=float, default=0.05, help="MAPSSWE significance level")
     bn.add_argument("--beam", type=int, default=1, help="1 = CTC greedy; >1 = prefix beam search")
     bn.add_argument("--lm", help="ARPA token LM (allinone lm) fused into the beam search of every system")

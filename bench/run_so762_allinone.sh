@@ -19,7 +19,9 @@
 # LM_WEIGHT (with LM_ORDER, LM_BONUS; bench/so762_env.sh) decodes with LM shallow fusion: the
 # baseline phase decodes every run again with it, supernet and twins decode only with it;
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
-# each twin's training (e.g. train.time_limit_minutes=2); results land in
+# each twin's training (e.g. train.time_limit_minutes=2); TRAIN_BASELINE=0 trains the variants
+# but not the float model (brought from another run). On a machine of several GPUs the variants
+# and the twins spread over them (CUDA_VISIBLE_DEVICES picks which). Results land in
 # egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
 set -euo pipefail
 source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
@@ -39,19 +41,25 @@ case $phase in
       [[ $v == *:* && -n $(echo ${v%%:*}) ]] || { echo "$0: VARIANTS entry '$v' is not name:overrides" >&2; exit 2; }
     done
     ./run.sh --stage 2 --stop_stage 2 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
-    for v in "${variants[@]}"; do
-      name=$(echo ${v%%:*}) dir=exp/variants/$(echo ${v%%:*})
+    for i in "${!variants[@]}"; do
+      v=${variants[$i]} name=$(echo ${variants[$i]%%:*}) dir=exp/variants/$(echo ${variants[$i]%%:*})
       mkdir -p $dir && cp -rn $asr_exp/tokenizer $asr_exp/feats_stats.npz $dir/
-      # the variant's own overrides last: they win over BASELINE_OPTS
-      [ -f $dir/final/config.json ] || cli train --resume conf/train_conformer.yaml exp_dir=$dir data.train=data/train \
-        data.valid=data/dev data.feat_cache_dir=dump/feats ${BASELINE_OPTS:-} ${v#*:} > $dir/stdout.log 2>&1 &
+      # the variant's own overrides last: they win over BASELINE_OPTS; with several GPUs the
+      # variants go round robin over them (the baseline itself trains on the first)
+      [ -f $dir/final/config.json ] || on_gpu $((i + 1)) cli train --resume conf/train_conformer.yaml exp_dir=$dir \
+        data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats ${BASELINE_OPTS:-} ${v#*:} \
+        > $dir/stdout.log 2>&1 &
       pids+=($!) names+=("$name")
     done
-    ./run.sh --stage 3 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
+    # TRAIN_BASELINE=0: the variants alone (the float model comes from another run, copied into
+    # $asr_exp later; the phase run again with it decodes it and tabulates it with them)
+    [ "${TRAIN_BASELINE:-1}" = 0 ] || \
+      on_gpu 0 ./run.sh --stage 3 --stop_stage 3 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     for i in "${!pids[@]}"; do wait ${pids[$i]} || echo "$0: variant ${names[$i]} failed: see exp/variants/${names[$i]}/stdout.log" >&2; done
     # dev and test WER of the float model, greedy (the baseline's number for issue 2);
     # DECODE_SETS=dev where the test audio is not there yet (a lent GPU's 64 MiB carry limit)
-    ./run.sh --stage 6 --stop_stage 6 --beam 1 --python "$python" --device cuda --test_sets "${DECODE_SETS:-dev test}"
+    [ ! -f $asr_exp/final/config.json ] || \
+      ./run.sh --stage 6 --stop_stage 6 --beam 1 --python "$python" --device cuda --test_sets "${DECODE_SETS:-dev test}"
     for name in "${names[@]}"; do
       for s in ${DECODE_SETS:-dev test}; do
         d=exp/variants/$name
@@ -85,22 +93,28 @@ case $phase in
     ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --train_opts \
       "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 supernet.num_random=1"
     cli bench "$sup_exp/final" --grid conf/grid24.yaml --data data/dev data/test --out "$sup_exp/bench" \
-      --device cuda --no-latency --num-workers 16 $(lm_decode_opts)
+      --device cuda --no-latency --num-workers "$(nproc)" --float-model "$asr_exp/final" $(lm_decode_opts)
     ;;
   twins)
     # Each twin: the same float starting point, importance ordering, loss (labels + KL to the
     # float model) and number of optimizer updates as the supernet, one system per run.
     steps=$("$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])")
-    runs=""
-    for s in $corners; do
-      [ -f "exp/twins/$s/allocation.json" ] || cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$s" \
+    train_twin() {  # SUBNET GPU_INDEX
+      [ -f "exp/twins/$1/allocation.json" ] || on_gpu $2 cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$1" \
         data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16 \
-        supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$s" \
+        supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$1" \
         supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
-      runs="$runs twin/$s=exp/twins/$s"
+    }
+    # one twin after another on one GPU (so that a time cap in TWIN_OPTS means the same as
+    # alone); side by side, one per GPU, where there are several
+    runs="" i=0 pids=()
+    for s in $corners; do
+      if [ ${#gpus[@]} -gt 1 ]; then train_twin $s $i > /dev/null 2>&1 & pids+=($!); else train_twin $s $i; fi
+      runs="$runs twin/$s=exp/twins/$s" i=$((i + 1))
     done
+    for p in "${pids[@]}"; do wait $p || { echo "$0: a twin failed (see exp/twins/*/train.log)" >&2; exit 1; }; done
     cli compare "$asr_exp/final" $runs --data data/dev data/test --out exp/twins/compare --device cuda \
-      --num-workers 16 --nested "$sup_exp/bench" $(lm_decode_opts)
+      --num-workers "$(nproc)" --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;
   *) echo "$0: unknown phase $phase (baseline, supernet or twins)" >&2; exit 1 ;;
 esac

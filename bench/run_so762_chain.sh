@@ -10,10 +10,10 @@
 # training resumes from its checkpoint, so the same command can be given call after call: each
 # call continues where the last one stopped until all phases are done. The phases get SECONDS
 # in all (leave the call's limit a minute for the packing); each phase's log goes to
-# $OUT/<phase>.log and, when OUT is set, egs/speechocean762/asr1/exp is packed into
-# $OUT/results.tgz without checkpoints (the float Conformer's final/ is kept, so a lost machine
-# does not cost the baseline: carry it back into exp/asr_train_conformer/final; the wav2vec2
-# models, 360 MB each, are not packed and are lost with the machine).
+# $OUT/<phase>.log and, when OUT is set, the results are packed into $OUT (bench/so762_pack.sh).
+# Two chains can run side by side on a machine of several GPUs, e.g.
+#   (CUDA_VISIBLE_DEVICES=3 OUT= bench/run_so762_chain.sh 500 allinone:supernet) &
+#   CUDA_VISIBLE_DEVICES=0,1,2 OUT= bench/run_so762_chain.sh 500 allinone:baseline; wait; bench/so762_pack.sh
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 [ $# -ge 2 ] || { echo "usage: $0 SECONDS PHASE [PHASE ...]" >&2; exit 2; }
@@ -38,15 +38,5 @@ for phase in "$@"; do
   echo "$phase: exit $status $(date +%T)"
   [ $status -eq 0 ] || break
 done
-if [ -n "${OUT:-}" ]; then
-  tar -C "$root/egs/speechocean762/asr1" -czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.packed.safetensors' --exclude=dump \
-      --exclude='methods_*/*/final' --exclude='supernet_*/final' --exclude='twins/*/final' \
-      --exclude='wav2vec2/*/final' --exclude='variants/*/final' exp 2>/dev/null
-  # files come back from $OUT at most 16 MiB each: a larger archive comes back in parts
-  # (cat results.tgz.part* | tar -xz)
-  if [ "$(stat -c %s "$OUT/results.tgz")" -gt $((15 * 1024 * 1024)) ]; then
-    split -b 15M "$OUT/results.tgz" "$OUT/results.tgz.part" && rm "$OUT/results.tgz"
-  fi
-  echo "packed into \$OUT: $(cd "$OUT" && du -ch results.tgz* | tail -1 | cut -f1) ($(cd "$OUT" && ls results.tgz*))"
-fi
+[ -z "${OUT:-}" ] || bash "$root/bench/so762_pack.sh"
 exit $status

@@ -20,3 +20,15 @@ lm_decode_opts() {
     --out $lm > /dev/null || return 1
   echo "--beam 10 --lm $lm --lm-weight $LM_WEIGHT --length-bonus $LM_BONUS"
 }
+
+# on_gpu N COMMAND...: run COMMAND on the GPU of the N-th of several side-by-side runs (round
+# robin over CUDA_VISIBLE_DEVICES, or over every GPU nvidia-smi lists; unchanged without one),
+# so that on a machine of several GPUs variants and twins spread over them.
+gpus=()
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi > /dev/null; then read -ra gpus <<< "$(nvidia-smi -L 2>/dev/null | awk '{printf "%d ", NR - 1}')"
+fi
+on_gpu() {
+  local n=$1; shift
+  if [ ${#gpus[@]} -eq 0 ]; then "$@"; else CUDA_VISIBLE_DEVICES=${gpus[$((n % ${#gpus[@]}))]} "$@"; fi
+}

@@ -66,6 +66,8 @@ def test_every_output_file(setup):
     report = (out / "report.md").read_text()
     assert "![WER against packed size](pareto.png)" in report
     assert f"Lossless compression ratio: {res['lossless_compression_ratio']:.2f}x" in report
+    assert (f"Lossless compression ratio {res['lossless_compression_ratio']:.2f}x ({res['lossless_system']}); "
+            f"of the quantizable weights alone") in md
     assert f"allinone bench {setup['model']} --grid {setup['grid']}" in report
     assert f"torch {torch.__version__}" in report and "Best system per size bracket" in report
 
@@ -352,3 +354,90 @@ def test_cuda_backends_agree_with_cpu(setup):
     for backend in ("cuda-fp32", "cuda-bf16", "cuda-int8"):
         r = measure_latency(small, quantized, [b["feats"][0]], backend, repeats=1)
         assert r.ms_per_utt > 0 and r.threads is None and r.peak_mem_mb > 0
+
+
+def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, capsys):
+    """``--float-model``: the separately trained float model is decoded as ``allinone decode``
+    decodes it, and every system's p-value and lossless verdict are against its hypotheses
+    (the reference subnet's row too); sizes stay relative to the reference subnet."""
+    from allinone.data.kaldi import read_data_dir
+
+    # another model, trained a little: other hypotheses, with words right where the supernet has none
+    float_model = make_supernet_dir(tmp_path / "float", seed=11, train_steps=200, data_dir=setup["data"][0])
+    out = tmp_path / "out"
+    assert main(["bench", str(setup["model"]), "--grid", str(setup["grid"]), "--data", *map(str, setup["data"]),
+                 "--out", str(out), "--no-latency", "--num-workers", "1", "--float-model", str(float_model)]) == 0
+    printed = capsys.readouterr().out
+    res = _results(out)
+    assert res["significance_reference"] == "float model" and res["float_model"]["path"] == str(float_model)
+    assert f"(against the float model {float_model}, MAPSSWE alpha 0.05)" in printed
+    for t, d in zip(("test_a", "test_b"), setup["data"]):
+        decode_data_dir(float_model, d, tmp_path / "dec" / t, DecodeOptions(num_workers=1))
+        float_hyps = read_hyps(tmp_path / "dec" / t)
+        assert read_hyps(out / "float_model" / t) == float_hyps
+        wer = json.loads((tmp_path / "dec" / t / "wer.json").read_text())["wer"]
+        assert res["float_model"]["wer"][t] == wer
+        refs = {u.utt_id: u.text for u in read_data_dir(d)}
+        for row in (r for r in res["rows"] if r["data"] == t):
+            m = mapsswe(refs, float_hyps, read_hyps(out / "systems" / row["system"] / t))
+            assert row["p_value"] == m.p_value and row["worse"] == (m.significant and m.better == "a")
+            if row["reference"]:  # judged too, against other hypotheses than its own
+                assert row["ratio_vs_ref"] == 1.0
+                assert float_hyps != read_hyps(out / "systems" / row["system"] / t)
+    # (not the verdicts against the reference subnet: the test would pass without the option)
+    assert [r["p_value"] for r in res["rows"]] != [r["p_value"] for r in _results(setup["out"])["rows"]]
+    lossless = [s for s in res["systems"] if s["lossless"]]
+    assert res["lossless_compression_ratio"] == (max(s["ratio_vs_ref"] for s in lossless) if lossless else None)
+    assert f"than the float model {float_model}" in (out / "report.md").read_text()
+    assert "▲ = significantly worse than the float model" in (out / "results.md").read_text()
+    # the systems' records are shared with a bench without --float-model: nothing is decoded again
+    # but the float model, whose record is resumed as well
+    res2 = run_bench(setup["model"], setup["grid"], setup["data"], out,
+                     BenchOptions(latency=False, num_workers=1, float_model=str(float_model)), progress=False)
+    assert res2["resumed_systems"] == len(res["systems"]) and res2["rows"] == res["rows"]
+
+
+def test_float_model_that_does_not_fit_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    from allinone.data.features import FbankConfig
+    from allinone.data.tokenizer import CharTokenizer
+    from allinone.models.saved import save_model_dir
+
+    from bench_helpers import TOKENS
+    from supernet_helpers import tiny_supernet
+
+    monkeypatch.setattr(bench, "_bench_system", lambda *a, **k: pytest.fail("decoded before checking"))
+    monkeypatch.setattr(bench, "_bench_float_model", lambda *a, **k: pytest.fail("decoded before checking"))
+    cases = {"not a model directory (no config.json)": tmp_path / "nothing"}
+    other_tokens = save_model_dir(tmp_path / "tok", tiny_supernet(seed=1).eval(), FbankConfig(n_mels=40),
+                                  CharTokenizer(TOKENS[:3] + ["A"] + TOKENS[4:]))
+    cases["its tokenizer is not the supernet's (12 against 12 units; unit 3 differs first)"] = other_tokens
+    other_fbank = save_model_dir(tmp_path / "fb", tiny_supernet(seed=1).eval(), FbankConfig(n_mels=40, fmin=20.0),
+                                 CharTokenizer(TOKENS))
+    cases["its front end"] = other_fbank
+    for message, path in cases.items():
+        with pytest.raises(ValueError, match=f"--float-model {path}: {message}".replace("(", r"\(").replace(")", r"\)")):
+            run_bench(setup["model"], setup["grid"], setup["data"], tmp_path / "out",
+                      BenchOptions(latency=False, num_workers=1, float_model=str(path)), progress=False)
+
+
+def test_no_lossless_system_is_reported_as_such(setup, tmp_path):
+    """Against a float model every system (the reference subnet too) can be significantly
+    worse: then there is no lossless ratio, and every output says so instead of failing."""
+    from allinone.eval.report import build_results, write_outputs
+
+    res = _results(setup["out"])
+    names = [s["system"] for s in res["systems"]]
+    records = [json.loads((setup["out"] / "systems" / n / "system.json").read_text()) for n in names]
+    worse = {"significant": True, "better": "a", "p_value": 0.001, "statistic": 3.3}
+    significance = {n: {t: worse for t in ("test_a", "test_b")} for n in names}
+    wer = {t: records[0]["wer"][t] for t in ("test_a", "test_b")}
+    results = build_results(records, significance, names[0], res["test_sets"], "sup", BenchOptions(), None,
+                            float_model={"path": "float/final", "wer": wer})
+    assert results["lossless_compression_ratio"] is None and results["lossless_system"] is None
+    assert not any(b["lossless"] for b in results["size_brackets"])
+    write_outputs(results, tmp_path)
+    assert "**No system is lossless**: every one is significantly worse than the float model float/final" \
+        in (tmp_path / "report.md").read_text()
+    assert "No system is lossless (against the float model float/final)." in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["lossless_compression_ratio"] is None
+    assert (tmp_path / "pareto.png").stat().st_size > 0

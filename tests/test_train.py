@@ -324,3 +324,23 @@ def test_pruning_ranks_only_the_checkpoints_still_on_disk(tmp_path):
     (tmp_path / "epoch4.pt").write_bytes(b"x")
     prune_epoch_checkpoints(tmp_path, history, 1, "valid_wer")
     assert sorted(p.name for p in tmp_path.glob("epoch*.pt")) == ["epoch4.pt"]  # (epoch 3, lower still, is gone)
+
+
+def test_speed_perturbed_features_have_their_own_cache(digits, tmp_path):
+    """Runs with and without speed perturbation side by side keep separate feature caches, so
+    neither overwrites the other's (and each run's resume finds its own)."""
+    from allinone.train.trainer import prepare_data
+
+    cache = tmp_path / "feats"
+    plain = tiny_config(digits, tmp_path / "plain")
+    perturbed = tiny_config(digits, tmp_path / "sp")
+    for cfg in (plain, perturbed):
+        cfg.data.feat_cache_dir = str(cache)
+    perturbed.data.speed_perturb = [0.9, 1.0, 1.1]
+    _, plain_set, _, _ = prepare_data(plain, tmp_path / "plain")
+    first = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    _, sp_set, _, _ = prepare_data(perturbed, tmp_path / "sp")
+    files = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(files) == len(first) + 1 and all(files[n] == t for n, t in first.items())
+    assert [n for n in files if n not in first][0].endswith("_sp0.9-1-1.1.pt")
+    assert len(sp_set) == 3 * len(plain_set)

@@ -67,6 +67,10 @@ class BenchOptions:
     latency_utts: int = 8         # fixed sample: the first N utterances (by id) of the first test set
     alpha: float = 0.05
     reference: str | None = None  # subnet string; None = the largest float subnet
+    # A separately trained float model (model dir; e.g. the one the supernet started from): the
+    # 32-bit model that significance and "lossless" are judged against instead of the reference
+    # subnet (sizes stay relative to the reference subnet).
+    float_model: str | None = None
     num_workers: int = 2          # feature extraction workers
     max_frames: int = 30000       # padded frames per decoding batch
     max_samples: int = 1_600_000  # padded samples per decoding batch (waveform models: wav2vec2 / HuBERT)
@@ -256,6 +260,42 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
     return record
 
 
+FLOAT_DIR = "float_model"  # where the --float-model's hypotheses and record go in the bench dir
+
+
+def load_float_reference(path: str | os.PathLike, supernet):
+    """The float model of ``--float-model``, checked against the supernet (a ``LoadedModel``):
+    it must read the same features and write the same tokens, since the test sets are
+    featurised once and the hypotheses compared word for word."""
+    from allinone.models.saved import load_model_dir
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--float-model {path}: not a model directory (no config.json)")
+    loaded = load_model_dir(path)
+    ours, theirs = supernet.tokenizer.token_list, loaded.tokenizer.token_list
+    if ours != theirs:
+        where = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(ours), len(theirs)))
+        raise ValueError(f"--float-model {path}: its tokenizer is not the supernet's ({len(theirs)} against "
+                         f"{len(ours)} units; unit {where} differs first)")
+    if loaded.fbank != supernet.fbank:
+        raise ValueError(f"--float-model {path}: its front end ({loaded.fbank}) is not the supernet's "
+                         f"({supernet.fbank})")
+    return loaded
+
+
+def _bench_float_model(model, test_sets: list[TestSet], tokenizer, out: Path, opts: BenchOptions,
+                       settings: dict, lm=None, pool=None) -> dict:
+    """Decode and score the ``--float-model`` on every test set; write its hypotheses and record."""
+    from allinone.eval.wer import write_results
+
+    dec = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
+    wer = {ts.name: write_results(out / ts.name, ts.refs, _decode(dec, None, ts, tokenizer, opts, lm, pool)).to_dict()
+           for ts in test_sets}
+    record = {"system": "float model", "wer": wer, "settings": settings}
+    _write_record(out, record)
+    return record
+
+
 def _write_record(sys_dir: Path, record: dict) -> None:
     with atomic_open(sys_dir / SYSTEM_FILE, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
@@ -331,6 +371,7 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
         from allinone.eval.decode import load_lm_scorer
 
         lm = load_lm_scorer(opts.lm, loaded.tokenizer)
+    float_loaded = load_float_reference(opts.float_model, loaded) if opts.float_model else None
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output directory {out_dir} is an existing file")
     if opts.threads is not None and opts.threads < 1:
@@ -364,9 +405,15 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     from allinone.eval.decode import search_pool
 
     saved = {name: _load_done(out_dir / "systems" / name, settings, test_sets) for name, _ in systems}
-    todo = any(record is None for record in saved.values())
+    float_dir = out_dir / FLOAT_DIR
+    float_settings = {**settings, "float_model": str(Path(opts.float_model).resolve())} if float_loaded else None
+    float_record = _load_done(float_dir, float_settings, test_sets) if float_loaded else None
+    todo = any(record is None for record in saved.values()) or (float_loaded is not None and float_record is None)
     num_utts = sum(len(ts.refs) for ts in test_sets) if todo else 0  # no pool when nothing is decoded
     with search_pool(_decode_options(opts), loaded.tokenizer.token_list, num_utts) as pool:
+        if float_loaded is not None and float_record is None:
+            float_record = _bench_float_model(float_loaded.model, test_sets, loaded.tokenizer, float_dir, opts,
+                                              float_settings, lm, pool)
         for name, subnet in bar:
             bar.set_postfix_str(name)
             sys_dir = out_dir / "systems" / name
@@ -385,18 +432,21 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
     if skipped:
         logger.info("bench: %d of %d systems were already done in %s (resumed)", skipped, len(systems), out_dir)
 
-    # ---- significance against the reference, per test set, from the saved hypotheses
+    # ---- significance against the float model or the reference subnet, per test set, from the
+    # saved hypotheses
+    base_dir = float_dir if float_loaded is not None else out_dir / "systems" / ref_name
     significance: dict[str, dict[str, dict]] = {name: {} for name, _ in systems}
     for ts in test_sets:
-        ref_hyps = read_hyps(out_dir / "systems" / ref_name / ts.name)
+        base_hyps = read_hyps(base_dir / ts.name)
         for name, _ in systems:
-            hyps = ref_hyps if name == ref_name else read_hyps(out_dir / "systems" / name / ts.name)
-            significance[name][ts.name] = mapsswe(ts.refs, ref_hyps, hyps, alpha=opts.alpha).to_dict()
+            hyps = read_hyps(out_dir / "systems" / name / ts.name)
+            significance[name][ts.name] = mapsswe(ts.refs, base_hyps, hyps, alpha=opts.alpha).to_dict()
 
     results = build_results(
         systems=[records[name] for name, _ in systems], significance=significance, reference=ref_name,
         test_sets=[{"name": ts.name, "path": str(ts.path), "utterances": len(ts.refs)} for ts in test_sets],
-        model_dir=str(model_dir), opts=opts, command=command, skipped=skipped)
+        model_dir=str(model_dir), opts=opts, command=command, skipped=skipped,
+        float_model=None if float_record is None else {"path": str(opts.float_model), **float_record})
     write_outputs(results, out_dir)
     return results
 

@@ -127,11 +127,15 @@ def size_brackets(systems: list[dict], ref_bytes: int) -> list[dict]:
 
 
 def build_results(systems: list[dict], significance: dict, reference: str, test_sets: list[dict],
-                  model_dir: str, opts, command: str | None, skipped: int = 0) -> dict:
+                  model_dir: str, opts, command: str | None, skipped: int = 0,
+                  float_model: dict | None = None) -> dict:
     """The content of results.json.
 
     systems: ``system.json`` records (reference first); significance: system -> test set ->
-    ``MapsswResult.to_dict()`` with the reference as system a.
+    ``MapsswResult.to_dict()`` with the reference (or the float model) as system a;
+    float_model: ``{"path", "wer": {set: wer.json}}`` of a separately trained float model when
+    significance was measured against it (``--float-model``) rather than the reference subnet.
+    Sizes and ratios are always relative to the reference subnet.
     """
     ref_record = next(s for s in systems if s["system"] == reference)
     ref_bytes = ref_record["size"]["fp32_bytes"]
@@ -174,22 +178,32 @@ def build_results(systems: list[dict], significance: dict, reference: str, test_
                 lat = sysd["latency"].get(b, {})
                 row.update({f"{b}_{k}": lat.get(k) for k in LATENCY_FIELDS})
             rows.append(row)
+    # The reference subnet is always lossless against itself; against a float model none may be.
     lossless = [s for s in out_systems if s["lossless"]]
-    best = max(lossless, key=lambda s: (s["ratio_vs_ref"], -s["pooled_wer"]))  # the reference always is
-    best_weights = max(lossless, key=lambda s: (s["weights_ratio_vs_ref"], -s["pooled_wer"]))
+    best = max(lossless, key=lambda s: (s["ratio_vs_ref"], -s["pooled_wer"]), default=None)
+    best_weights = max(lossless, key=lambda s: (s["weights_ratio_vs_ref"], -s["pooled_wer"]), default=None)
+    float_summary = None
+    if float_model is not None:
+        counts = [float_model["wer"][t] for t in names]
+        float_summary = {"path": float_model["path"],
+                         "wer": {t: float_model["wer"][t]["wer"] for t in names},
+                         "pooled_wer": 100.0 * sum(c["errors"] for c in counts) / sum(c["words"] for c in counts)}
     return {
         "model": model_dir,
         "reference": reference,
         "reference_fp32_bytes": ref_bytes,
+        # what significance (and so "lossless") was measured against
+        "significance_reference": "float model" if float_model is not None else "reference subnet",
+        "float_model": float_summary,
         "alpha": opts.alpha,
         "beam": opts.beam,
         "test_sets": test_sets,
         "backends": backends,
-        "lossless_compression_ratio": best["ratio_vs_ref"],
-        "lossless_system": best["system"],
-        "lossless_weights_ratio": best_weights["weights_ratio_vs_ref"],
-        "lossless_weights_system": best_weights["system"],
-        "reference_warning": reference_warning(ref_record["wer"]),
+        "lossless_compression_ratio": best and best["ratio_vs_ref"],
+        "lossless_system": best and best["system"],
+        "lossless_weights_ratio": best_weights and best_weights["weights_ratio_vs_ref"],
+        "lossless_weights_system": best_weights and best_weights["system"],
+        "reference_warning": reference_warning(float_model["wer"] if float_model is not None else ref_record["wer"]),
         "pareto_front": pareto_front([(s["system"], s["packed_bytes"], s["pooled_wer"]) for s in out_systems]),
         "size_brackets": size_brackets(out_systems, ref_bytes),
         "systems": out_systems,
@@ -253,20 +267,36 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lossless_summary(results: dict) -> str:
+    """One line: the lossless compression ratio and system, whole-model and weights-only."""
+    if results["lossless_system"] is None:
+        return "no system is lossless"
+    return (f"lossless compression ratio {results['lossless_compression_ratio']:.2f}x ({results['lossless_system']}); "
+            f"of the quantizable weights alone {results['lossless_weights_ratio']:.2f}x "
+            f"({results['lossless_weights_system']})")
+
+
+def significance_reference(results: dict) -> str:
+    """What the systems' significance was measured against, in words."""
+    fm = results.get("float_model")
+    return f"the float model {fm['path']}" if fm else f"the reference {results['reference']}"
+
+
 def _results_md(results: dict) -> str:
     sets = ", ".join(f"{t['name']} ({t['utterances']} utts)" for t in results["test_sets"])
+    fm = results.get("float_model")
+    float_line = ("Float model: WER " + ", ".join(f"{t} {w:.2f}" for t, w in fm["wer"].items()) + ".\n" if fm else "")
+    judge = significance_reference(results)
     return (
         f"# Benchmark of {results['model']}\n\n"
-        f"Test sets: {sets}. Reference: {results['reference']}. MAPSSWE at alpha = {results['alpha']}; "
-        "▲ = significantly worse than the reference; p = two-tailed p-value against the reference.\n"
+        f"Test sets: {sets}. Reference (sizes): {results['reference']}. MAPSSWE at alpha = {results['alpha']}; "
+        f"▲ = significantly worse than {judge}; p = two-tailed p-value against it.\n" + float_line +
         "ratio = the system's fp32 size / its packed size (as `allinone info`); ratio vs ref = the "
         "reference's fp32 size / the packed size; weights ratio vs ref = the same for the quantizable weights "
         "alone (no front end, norms, biases or CTC layer: how published ratios count). "
         "Latency: median over repeats, per utterance, warm-up excluded.\n\n"
         + results_table(results)
-        + f"\nLossless compression ratio: **{results['lossless_compression_ratio']:.2f}x** "
-          f"({results['lossless_system']}); of the quantizable weights alone: "
-          f"{results['lossless_weights_ratio']:.2f}x ({results['lossless_weights_system']}).\n"
+        + f"\n{lossless_summary(results)[0].upper()}{lossless_summary(results)[1:]} (against {judge}).\n"
         + _warning_md(results)
     )
 
@@ -295,7 +325,11 @@ def plot_pareto(results: dict, path: Path) -> None:
     ref = next(s for s in systems if s["reference"])
     ax.scatter([ref["packed_bytes"] / MIB], [ref["pooled_wer"]], marker="*", s=220, color="gold",
                edgecolors="black", zorder=4, label=f"reference {ref['system']}")
-    ax.axhline(ref["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1)
+    fm = results.get("float_model")
+    if fm:  # the line significance is judged against
+        ax.axhline(fm["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1, label="float model")
+    else:
+        ax.axhline(ref["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1)
     fs = sorted((s for s in systems if s["system"] in front), key=lambda s: s["packed_bytes"])
     ax.plot([s["packed_bytes"] / MIB for s in fs], [s["pooled_wer"] for s in fs], color="tab:blue",
             lw=1, drawstyle="steps-post", zorder=2, label="Pareto front")
@@ -313,8 +347,7 @@ def plot_pareto(results: dict, path: Path) -> None:
     ax.set_xlabel("packed size (MiB, log scale)")
     sets = [t["name"] for t in results["test_sets"]]
     ax.set_ylabel("WER (%)" + (f", pooled over {', '.join(sets)}" if len(sets) > 1 else f", {sets[0]}"))
-    ax.set_title(f"lossless compression ratio {results['lossless_compression_ratio']:.2f}x "
-                 f"({results['lossless_system']})", fontsize=9)
+    ax.set_title(lossless_summary(results), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -328,18 +361,26 @@ def _report_md(results: dict) -> str:
     m = p["machine"]
     ref = next(s for s in results["systems"] if s["reference"])
     n_lossless = sum(s["lossless"] for s in results["systems"])
+    fm = results.get("float_model")
+    judge = (f"the float model {fm['path']} at pooled WER {fm['pooled_wer']:.2f}%" if fm else
+             f"the reference at pooled WER {ref['pooled_wer']:.2f}%")
+    if results["lossless_system"] is None:
+        headline = (f"**No system is lossless**: every one is significantly worse than {judge} on some test set "
+                    f"(MAPSSWE, alpha = {results['alpha']}).")
+    else:
+        headline = (f"**Lossless compression ratio: {results['lossless_compression_ratio']:.2f}x** "
+                    f"({results['lossless_system']}): the largest compression against the reference "
+                    f"{results['reference']} ({results['reference_fp32_bytes'] / MIB:.3f} MiB fp32) among the "
+                    f"{n_lossless} of {len(results['systems'])} systems that no test set finds significantly worse "
+                    f"than {judge} (MAPSSWE, alpha = {results['alpha']}). Counting the quantizable weights alone "
+                    f"(as published ratios do): {results['lossless_weights_ratio']:.2f}x "
+                    f"({results['lossless_weights_system']}).")
     lines = [
         f"# Benchmark report: {results['model']}",
         "",
         f"![WER against packed size](pareto.png)",
         "",
-        f"**Lossless compression ratio: {results['lossless_compression_ratio']:.2f}x** "
-        f"({results['lossless_system']}): the largest compression against the reference "
-        f"{results['reference']} ({results['reference_fp32_bytes'] / MIB:.3f} MiB fp32, "
-        f"pooled WER {ref['pooled_wer']:.2f}%) among the {n_lossless} of {len(results['systems'])} systems "
-        f"that no test set finds significantly worse (MAPSSWE, alpha = {results['alpha']}). "
-        f"Counting the quantizable weights alone (as published ratios do): "
-        f"{results['lossless_weights_ratio']:.2f}x ({results['lossless_weights_system']}).",
+        headline,
         _warning_md(results),
         "## Best system per size bracket",
         "",

@@ -108,8 +108,12 @@ def prepare_data(cfg: ExperimentConfig, exp_dir: Path):
         tokenizer = train_tokenizer([u.text for u in train_utts], cfg.tokenizer.kind,
                                     cfg.tokenizer.vocab_size, tok_dir)
     cache = Path(cfg.data.feat_cache_dir)
+    # Runs with other speed factors keep their own cache file: side by side, one would otherwise
+    # overwrite the other's and each would recompute at every start.
+    factors = [float(f) for f in cfg.data.speed_perturb]
+    sp_tag = "" if factors == [1.0] else "_sp" + "-".join(f"{f:g}" for f in factors)
     train_feats = ds.extract_features(train_utts, fbank, cfg.data.num_workers,
-                                      cache_path=cache / f"{_tag(cfg.data.train)}{suffix}",
+                                      cache_path=cache / f"{_tag(cfg.data.train)}{sp_tag}{suffix}",
                                       skip_bad=cfg.data.skip_bad, speed_factors=cfg.data.speed_perturb)
     valid_feats = ds.extract_features(valid_utts, fbank, cfg.data.num_workers,
                                       cache_path=cache / f"{_tag(cfg.data.valid)}{suffix}", skip_bad=cfg.data.skip_bad)

@@ -49,7 +49,9 @@ if run_stage 5 "extract the grid $grid as packed models"; then
 fi
 if run_stage 6 "benchmark the grid: WER, significance, size, latency"; then
   if allinone bench --help >/dev/null 2>&1; then
-    allinone bench "$sup_exp/final" --grid "$grid" --data data/test --out "$sup_exp/bench" --threads 2
+    # judged against the float model it started from (method.md's 32-bit model)
+    allinone bench "$sup_exp/final" --grid "$grid" --data data/test --out "$sup_exp/bench" --threads 2 \
+      --float-model "$float_exp/final"
     cat "$sup_exp/bench/results.md"
     echo "Report: $sup_exp/bench/report.md"
   else

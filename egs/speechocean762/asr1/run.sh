@@ -145,14 +145,16 @@ if run_stage 7 "benchmark and report (allinone bench)"; then
     echo "skipped: this allinone has no 'bench' command yet"
   else
     setup_lm  # the systems are decoded as stage 6 decodes them
-    if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir"; then
+    # Significance against the float model the supernet started from (method.md's 32-bit model),
+    # not the supernet's own largest subnet, which its training changed too.
+    if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir float=$asr_exp/final"; then
       require_file "$sup_exp/final/config.json" "supernet model" "run stage 4 first"
       check_data
       sets=(); for s in $test_sets; do sets+=("$datadir/$s"); done
       run_logged "$sup_exp/log/stage7_bench.log" cli bench "$sup_exp/final" --grid "$grid" --data "${sets[@]}" \
-        --out "$sup_exp/bench" --beam "$beam" --device "$device" --num-workers "$nj" \
+        --out "$sup_exp/bench" --beam "$beam" --device "$device" --num-workers "$nj" --float-model "$asr_exp/final" \
         ${lm:+--lm "$lm" --lm-weight "$lm_weight" --length-bonus "$length_bonus"}
-      mark_done "$sup_exp/bench/.done" "grid=$grid $decode_dir"
+      mark_done "$sup_exp/bench/.done" "grid=$grid $decode_dir float=$asr_exp/final"
     fi
   fi
   [ ! -d "$sup_exp/bench" ] || echo "benchmark: $sup_exp/bench (report.md first)"
