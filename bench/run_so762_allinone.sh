@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's experiment on speechocean762 (one GPU): one all-in-one supernet run against
+# Issue 5's experiment on speechocean762 (one GPU or several): one all-in-one supernet run against
 # individually trained twins of the grid's corners, in three phases that each fit a
 # 10-minute slot of a lent GPU (run them in order; each is idempotent):
 #
@@ -33,8 +33,9 @@ corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_
 case $phase in
   baseline)
     # VARIANTS="name:overrides;name:overrides": variants of the float config trained at the same
-    # time as the baseline, on the same GPU (its step is launch-bound, so concurrent runs slow each
-    # other little), into exp/variants/<name>, with the baseline's tokenizer, features and statistics.
+    # time as the baseline (on one GPU they share it: the step is launch-bound, so concurrent runs
+    # slow each other little), into exp/variants/<name>, with the baseline's tokenizer, features
+    # and statistics.
     pids=() names=()
     IFS=';' read -ra variants <<< "${VARIANTS:-}"
     for v in "${variants[@]}"; do  # every entry checked before any work
@@ -106,13 +107,15 @@ case $phase in
         supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
     }
     # one twin after another on one GPU (so that a time cap in TWIN_OPTS means the same as
-    # alone); side by side, one per GPU, where there are several
-    runs="" i=0 pids=()
+    # alone); side by side, round robin over the GPUs, where there are several
+    runs="" i=0 pids=() failed=0
+    mkdir -p exp/twins
     for s in $corners; do
-      if [ ${#gpus[@]} -gt 1 ]; then train_twin $s $i > /dev/null 2>&1 & pids+=($!); else train_twin $s $i; fi
+      if [ ${#gpus[@]} -gt 1 ]; then train_twin $s $i > exp/twins/$s.stdout.log 2>&1 & pids+=($!); else train_twin $s $i; fi
       runs="$runs twin/$s=exp/twins/$s" i=$((i + 1))
     done
-    for p in "${pids[@]}"; do wait $p || { echo "$0: a twin failed (see exp/twins/*/train.log)" >&2; exit 1; }; done
+    for p in "${pids[@]}"; do wait $p || failed=1; done
+    [ $failed = 0 ] || { echo "$0: a twin failed (see exp/twins/*.stdout.log)" >&2; exit 1; }
     cli compare "$asr_exp/final" $runs --data data/dev data/test --out exp/twins/compare --device cuda \
       --num-workers "$(nproc)" --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;

@@ -25,8 +25,9 @@ lm_decode_opts() {
 # robin over CUDA_VISIBLE_DEVICES, or over every GPU nvidia-smi lists; unchanged without one),
 # so that on a machine of several GPUs variants and twins spread over them.
 gpus=()
-if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
-elif command -v nvidia-smi > /dev/null; then read -ra gpus <<< "$(nvidia-smi -L 2>/dev/null | awk '{printf "%d ", NR - 1}')"
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"  # "" = none
+elif command -v nvidia-smi > /dev/null; then
+  read -ra gpus <<< "$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ')"
 fi
 on_gpu() {
   local n=$1; shift

@@ -15,7 +15,7 @@ exp=$root/egs/speechocean762/asr1/exp
 rm -rf "$exp/best_variant"
 best=$(cd "$exp" 2>/dev/null && for f in variants/*/decode_*/dev/wer.json; do
   [ -f "$f" ] && [ -f "${f%%/decode_*}/final/config.json" ] && \
-    echo "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$f") ${f%%/decode_*}"
+    echo "$("${PYTHON:-python3}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["wer"])' "$f") ${f%%/decode_*}"
 done | sort -g | head -1 | cut -d' ' -f2)
 [ -z "$best" ] || { mkdir -p "$exp/best_variant/$(basename "$best")" && cp -r "$exp/$best/final" "$exp/best_variant/$(basename "$best")/"; }
 tar -C "$root/egs/speechocean762/asr1" -czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.tmp' --exclude='*.packed.safetensors' \

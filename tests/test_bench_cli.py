@@ -95,6 +95,8 @@ def test_reference_warning_needs_a_set_without_a_correct_word():
     warning = reference_warning({"a": {"words": 10, "sub": 3, "del": 7}, "b": {"words": 5, "sub": 0, "del": 4}})
     assert warning.startswith("the reference recognises no word of a (")
     assert reference_warning({"a": {"words": 0, "sub": 0, "del": 0}}) is None  # no words: nothing to recognise
+    assert reference_warning({"a": {"words": 4, "sub": 4, "del": 0}}, "the float model").startswith(
+        "the float model recognises no word of a (")
 
 
 def test_reference_row_and_significance(setup):
@@ -356,7 +358,7 @@ def test_cuda_backends_agree_with_cpu(setup):
         assert r.ms_per_utt > 0 and r.threads is None and r.peak_mem_mb > 0
 
 
-def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, capsys):
+def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, capsys, monkeypatch):
     """``--float-model``: the separately trained float model is decoded as ``allinone decode``
     decodes it, and every system's p-value and lossless verdict are against its hypotheses
     (the reference subnet's row too); sizes stay relative to the reference subnet."""
@@ -390,11 +392,29 @@ def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, cap
     assert res["lossless_compression_ratio"] == (max(s["ratio_vs_ref"] for s in lossless) if lossless else None)
     assert f"than the float model {float_model}" in (out / "report.md").read_text()
     assert "▲ = significantly worse than the float model" in (out / "results.md").read_text()
-    # the systems' records are shared with a bench without --float-model: nothing is decoded again
-    # but the float model, whose record is resumed as well
-    res2 = run_bench(setup["model"], setup["grid"], setup["data"], out,
-                     BenchOptions(latency=False, num_workers=1, float_model=str(float_model)), progress=False)
+
+    # Re-run: nothing is decoded again, the float model's record is resumed too.
+    opts = BenchOptions(latency=False, num_workers=1, float_model=str(float_model))
+    monkeypatch.setattr(bench, "_bench_system", lambda *a, **k: pytest.fail("a system decoded again"))
+    real_float = bench._bench_float_model
+    monkeypatch.setattr(bench, "_bench_float_model", lambda *a, **k: pytest.fail("the float model decoded again"))
+    res2 = run_bench(setup["model"], setup["grid"], setup["data"], out, opts, progress=False)
     assert res2["resumed_systems"] == len(res["systems"]) and res2["rows"] == res["rows"]
+    # Another model saved at the same path is decoded again (recipes copy models into place).
+    decoded = []
+    monkeypatch.setattr(bench, "_bench_float_model", lambda *a, **k: decoded.append(1) or real_float(*a, **k))
+    make_supernet_dir(float_model, seed=12)
+    run_bench(setup["model"], setup["grid"], setup["data"], out, opts, progress=False)
+    assert decoded == [1]
+    # A bench made without --float-model keeps its systems: adding the option decodes the float model alone.
+    shared = tmp_path / "shared"
+    shutil.copytree(setup["out"], shared)
+    decoded.clear()
+    res3 = run_bench(setup["model"], setup["grid"], setup["data"], shared,
+                     BenchOptions(threads=1, latency_repeats=1, latency_utts=2, num_workers=1,
+                                  front_end_calib=str(setup["data"][1]), float_model=str(float_model)),
+                     progress=False)
+    assert decoded == [1] and res3["resumed_systems"] == len(res["systems"])
 
 
 def test_float_model_that_does_not_fit_is_refused_before_any_work(setup, tmp_path, monkeypatch):

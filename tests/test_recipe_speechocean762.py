@@ -90,8 +90,10 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     for name in systems:
         search = json.loads((sup / "bench" / "systems" / name / "system.json").read_text())["settings"]["search"]
         assert search["beam"] == 2 and search["lm_weight"] == 0.5 and search["lm"].endswith("units3.arpa"), name
+    checksum = subprocess.run(f"cat {asr}/final/*.safetensors | cksum", shell=True, capture_output=True,
+                              text=True).stdout.split()[0]
     assert (sup / "bench" / ".done").read_text().splitlines()[1] == \
-        f"grid=conf/grid_tiny.yaml decode_beam2_lm3w0.5b1.5 float={asr}/final"
+        f"grid=conf/grid_tiny.yaml decode_beam2_lm3w0.5b1.5 float={asr}/final:{checksum}"
     # ... judged against the float model it started from, decoded the same way
     res = json.loads((sup / "bench" / "results.json").read_text())
     assert res["significance_reference"] == "float model" and res["float_model"]["path"].endswith(f"{asr.name}/final")

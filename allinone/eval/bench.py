@@ -32,6 +32,7 @@ are recomputed from the saved hypotheses every run.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -283,12 +284,23 @@ def load_float_reference(path: str | os.PathLike, supernet):
     return loaded
 
 
+def model_dir_digest(path: str | os.PathLike) -> str:
+    """SHA-256 over a model dir's config.json and weight files: tells two models saved at one path apart."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.json")) + sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _bench_float_model(model, test_sets: list[TestSet], tokenizer, out: Path, opts: BenchOptions,
                        settings: dict, lm=None, pool=None) -> dict:
     """Decode and score the ``--float-model`` on every test set; write its hypotheses and record."""
     from allinone.eval.wer import write_results
 
-    dec = model if opts.device == "cpu" else copy.deepcopy(model).to(opts.device)
+    dec = model.to(opts.device)  # (loaded for this alone: moved, not copied)
     wer = {ts.name: write_results(out / ts.name, ts.refs, _decode(dec, None, ts, tokenizer, opts, lm, pool)).to_dict()
            for ts in test_sets}
     record = {"system": "float model", "wer": wer, "settings": settings}
@@ -406,7 +418,10 @@ def run_bench(model_dir: str | os.PathLike, grid, data_dirs: list, out_dir: str 
 
     saved = {name: _load_done(out_dir / "systems" / name, settings, test_sets) for name, _ in systems}
     float_dir = out_dir / FLOAT_DIR
-    float_settings = {**settings, "float_model": str(Path(opts.float_model).resolve())} if float_loaded else None
+    float_settings = None
+    if float_loaded is not None:  # keyed by content too: recipes copy other models into the same path
+        float_settings = {**settings, "float_model": str(Path(opts.float_model).resolve()),
+                          "float_model_sha256": model_dir_digest(opts.float_model)}
     float_record = _load_done(float_dir, float_settings, test_sets) if float_loaded else None
     todo = any(record is None for record in saved.values()) or (float_loaded is not None and float_record is None)
     num_utts = sum(len(ts.refs) for ts in test_sets) if todo else 0  # no pool when nothing is decoded

@@ -15,8 +15,9 @@ Definitions (method.md section 2):
   (``SizeReport.weight_bytes``): the same without the parts every system keeps float (front
   end, norms, biases, CTC layer), as the published ratios count; ``lossless_weights_ratio``
   is its largest value among the lossless systems;
-* ``worse``: MAPSSWE (reference = system a) finds a significant difference at alpha and
-  the reference is the better one; ``lossless`` = not worse on *every* test set;
+* ``worse``: MAPSSWE (system a = the reference subnet, or the separately trained float model
+  of ``--float-model``) finds a significant difference at alpha and system a is the better
+  one; ``lossless`` = not worse on *every* test set;
 * ``pooled WER`` = 100 * all errors / all reference words over the test sets (the plot's
   y axis and the size-bracket choice when there are several test sets).
 """
@@ -78,7 +79,7 @@ def provenance(command: str | None) -> dict:
     }
 
 
-def reference_warning(wer_of_set: dict[str, dict]) -> str | None:
+def reference_warning(wer_of_set: dict[str, dict], what: str = "the reference") -> str | None:
     """Why the significance test cannot judge compression against this reference, or None.
 
     wer_of_set: test set name -> the reference's ``wer.json`` counts (``words``, ``sub``,
@@ -89,9 +90,9 @@ def reference_warning(wer_of_set: dict[str, dict]) -> str | None:
     blind = [name for name, w in wer_of_set.items() if w["words"] and w["sub"] + w["del"] >= w["words"]]
     if not blind:
         return None
-    return (f"the reference recognises no word of {', '.join(blind)} (every reference word substituted or "
+    return (f"{what} recognises no word of {', '.join(blind)} (every reference word substituted or "
             "deleted): no system can be significantly worse by losing words, so 'lossless' and the lossless "
-            "compression ratio say nothing about the compression; train the reference model further")
+            "compression ratio say nothing about the compression; train it further")
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -203,7 +204,8 @@ def build_results(systems: list[dict], significance: dict, reference: str, test_
         "lossless_system": best and best["system"],
         "lossless_weights_ratio": best_weights and best_weights["weights_ratio_vs_ref"],
         "lossless_weights_system": best_weights and best_weights["system"],
-        "reference_warning": reference_warning(float_model["wer"] if float_model is not None else ref_record["wer"]),
+        "reference_warning": (reference_warning(float_model["wer"], "the float model") if float_model is not None
+                              else reference_warning(ref_record["wer"])),
         "pareto_front": pareto_front([(s["system"], s["packed_bytes"], s["pooled_wer"]) for s in out_systems]),
         "size_brackets": size_brackets(out_systems, ref_bytes),
         "systems": out_systems,

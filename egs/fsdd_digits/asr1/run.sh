@@ -49,9 +49,10 @@ if run_stage 5 "extract the grid $grid as packed models"; then
 fi
 if run_stage 6 "benchmark the grid: WER, significance, size, latency"; then
   if allinone bench --help >/dev/null 2>&1; then
-    # judged against the float model it started from (method.md's 32-bit model)
+    # judged against the float model it started from (method.md's 32-bit model: supernet.init_from)
+    init_from=$(sed -n 's/^ *init_from: *//p' "$supernet_config")
     allinone bench "$sup_exp/final" --grid "$grid" --data data/test --out "$sup_exp/bench" --threads 2 \
-      --float-model "$float_exp/final"
+      ${init_from:+--float-model "$init_from"}
     cat "$sup_exp/bench/results.md"
     echo "Report: $sup_exp/bench/report.md"
   else

@@ -146,15 +146,17 @@ if run_stage 7 "benchmark and report (allinone bench)"; then
   else
     setup_lm  # the systems are decoded as stage 6 decodes them
     # Significance against the float model the supernet started from (method.md's 32-bit model),
-    # not the supernet's own largest subnet, which its training changed too.
-    if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir float=$asr_exp/final"; then
+    # not the supernet's own largest subnet, which its training changed too. (The stamp names the
+    # float model by its weights' checksum: another model copied into $asr_exp is benched again.)
+    float_sig="float=$asr_exp/final:$(cat "$asr_exp"/final/*.safetensors 2>/dev/null | cksum | cut -d' ' -f1)"
+    if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir $float_sig"; then
       require_file "$sup_exp/final/config.json" "supernet model" "run stage 4 first"
       check_data
       sets=(); for s in $test_sets; do sets+=("$datadir/$s"); done
       run_logged "$sup_exp/log/stage7_bench.log" cli bench "$sup_exp/final" --grid "$grid" --data "${sets[@]}" \
         --out "$sup_exp/bench" --beam "$beam" --device "$device" --num-workers "$nj" --float-model "$asr_exp/final" \
         ${lm:+--lm "$lm" --lm-weight "$lm_weight" --length-bonus "$length_bonus"}
-      mark_done "$sup_exp/bench/.done" "grid=$grid $decode_dir float=$asr_exp/final"
+      mark_done "$sup_exp/bench/.done" "grid=$grid $decode_dir $float_sig"
     fi
   fi
   [ ! -d "$sup_exp/bench" ] || echo "benchmark: $sup_exp/bench (report.md first)"
