@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -391,7 +392,8 @@ def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, cap
     lossless = [s for s in res["systems"] if s["lossless"]]
     assert res["lossless_compression_ratio"] == (max(s["ratio_vs_ref"] for s in lossless) if lossless else None)
     assert f"than the float model {float_model}" in (out / "report.md").read_text()
-    assert "▲ = significantly worse than the float model" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "▲ = significantly worse than the float model" in md and "▼ = significantly better" in md
 
     # Re-run: nothing is decoded again, the float model's record is resumed too.
     opts = BenchOptions(latency=False, num_workers=1, float_model=str(float_model))
@@ -456,6 +458,16 @@ def test_no_lossless_system_is_reported_as_such(setup, tmp_path):
     assert results["lossless_compression_ratio"] is None and results["lossless_system"] is None
     assert not any(b["lossless"] for b in results["size_brackets"])
     write_outputs(results, tmp_path)
+    rows = {re.match(r"\| \**([\w.]+)", line).group(1): line
+            for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")}
+    assert all(" ▲ (" in rows[n] and " ▼ (" not in rows[n] for n in names)
+    # a system significantly better than the float model is marked so (and is lossless)
+    significance[names[1]] = {t: {**worse, "better": "b"} for t in ("test_a", "test_b")}
+    better = build_results(records, significance, names[0], res["test_sets"], "sup", BenchOptions(), None,
+                           float_model={"path": "float/final", "wer": wer})
+    write_outputs(better, tmp_path / "better")
+    line = next(x for x in (tmp_path / "better" / "results.md").read_text().splitlines() if f"| {names[1]} |" in x)
+    assert " ▼ (" in line and " ▲ (" not in line and better["lossless_system"] == names[1]
     assert "**No system is lossless**: every one is significantly worse than the float model float/final" \
         in (tmp_path / "report.md").read_text()
     assert "No system is lossless (against the float model float/final)." in (tmp_path / "results.md").read_text()

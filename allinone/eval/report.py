@@ -259,7 +259,8 @@ def results_table(results: dict) -> str:
                  _fmt(s["avg_bits"], ".2f", "32 (float)")]
         for t in sets:
             r = s["test_sets"][t]
-            mark = " ▲" if r["worse"] else ""  # significantly worse than the reference
+            # significantly worse / better than what significance is judged against
+            mark = " ▲" if r["worse"] else (" ▼" if r["significant"] else "")
             cells += [f"{r['wer']:.2f}{mark} ({r['sub']}/{r['del']}/{r['ins']})", f"{r['p_value']:.3f}"]
         cells.append("yes" if s["lossless"] else "no")
         for b in results["backends"]:
@@ -292,7 +293,8 @@ def _results_md(results: dict) -> str:
     return (
         f"# Benchmark of {results['model']}\n\n"
         f"Test sets: {sets}. Reference (sizes): {results['reference']}. MAPSSWE at alpha = {results['alpha']}; "
-        f"▲ = significantly worse than {judge}; p = two-tailed p-value against it.\n" + float_line +
+        f"▲ = significantly worse than {judge}, ▼ = significantly better; p = two-tailed p-value against it.\n"
+        + float_line +
         "ratio = the system's fp32 size / its packed size (as `allinone info`); ratio vs ref = the "
         "reference's fp32 size / the packed size; weights ratio vs ref = the same for the quantizable weights "
         "alone (no front end, norms, biases or CTC layer: how published ratios count). "
