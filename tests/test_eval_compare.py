@@ -88,6 +88,8 @@ def test_each_system_is_its_allocation_decoded_and_tested(setup):
         assert r["sets"]["test"]["wer"] == pytest.approx(score(refs, hyps).wer, abs=1e-4)
         test = mapsswe(refs, hyps, ref_hyps)
         assert r["sets"]["test"]["p_value"] == pytest.approx(test.p_value)
+        assert r["sets"]["test"]["worse"] == (test.significant and test.better == "b")
+        assert r["sets"]["test"]["better"] == (test.significant and test.better == "a")
         assert r["compression_seconds"] == 12.0 and r["compression_gpu_seconds"] == 24.0
     assert rows["uniform/b8"]["average_bits"] == 8.0 and rows["uniform/b2"]["average_bits"] == 2.0
     assert 2.0 < rows["one_stage/b5"]["average_bits"] < 8.0
@@ -270,6 +272,7 @@ def test_nested_twins_significance_and_wer(fake):
     assert b["worse"] is False and all(x["p_value"] == 1.0 and x["worse"] is False for x in b["sets"].values())
     # significantly *better* than its twin: not worse
     assert c["worse"] is False and c["sets"]["dev"]["p_value"] < 0.05 and not c["sets"]["dev"]["worse"]
+    assert c["sets"]["dev"]["better"] is True and not a["sets"]["dev"]["better"] and not b["sets"]["dev"]["better"]
     assert pairs["REF"]["worse"] is False and pairs["REF"]["twin_seconds"] is None
     assert a["twin_seconds"] == 30.0 and c["twin_seconds"] == 40.0
     for name, p in pairs.items():
@@ -283,6 +286,8 @@ def test_nested_twins_significance_and_wer(fake):
     assert b["sets"]["dev"]["twin_wer"] == pytest.approx(100.0 * 6 / (24 * 8))
     md = "\n".join(format_nested(res, ["dev", "test"]))
     assert "| A | " in md and "▲" in md and "(float model)" in md and "| D |" not in md
+    line = next(x for x in md.splitlines() if x.startswith("| C | "))
+    assert " ▼ / " in line and "▲" not in line  # C is significantly better than its twin on dev
 
 
 def test_nested_twins_reference_pair_needs_equal_fp32_bytes(fake, caplog):

@@ -163,7 +163,8 @@ def nested_twins(bench_dir: str | Path, twins: dict[str, dict[str, dict[str, str
             refs = {u: r for u, r in refs_of[t].items() if u in nested and u in twin_hyps[t]}
             test = mapsswe(refs, twin_hyps[t], nested, alpha=alpha)
             row["sets"][t] = {"nested_wer": score(refs, nested).wer, "twin_wer": score(refs, twin_hyps[t]).wer,
-                              "p_value": test.p_value, "worse": bool(test.significant and test.better == "a")}
+                              "p_value": test.p_value, "worse": bool(test.significant and test.better == "a"),
+                              "better": bool(test.significant and test.better == "b")}
         row["worse"] = any(x["worse"] for x in row["sets"].values())
         pairs.append(row)
     model_config = Path(bench["model"]) / "config.json"
@@ -262,7 +263,8 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
             test = mapsswe(refs, d["hyps"], {u: ref_dec[name]["hyps"][u] for u in refs}, alpha=alpha)
             per_set[name] = {"wer": d["wer"]["wer"], "sub": d["wer"]["sub"], "del": d["wer"]["del"],
                              "ins": d["wer"]["ins"], "p_value": test.p_value,
-                             "worse": test.significant and test.better == "b"}
+                             "worse": test.significant and test.better == "b",
+                             "better": test.significant and test.better == "a"}
         rows.append({
             "method": run.method, "label": run.label, "run_dir": str(run.run_dir), "subnet": alloc["subnet"],
             "average_bits": report.average_bits, "target_bits": alloc.get("target_bits"),
@@ -313,14 +315,15 @@ def format_markdown(results: dict) -> str:
     head += ["lossless", "compression s (GPU-s)"]
     lines = [f"Reference: {results['reference']} (fp32 {results['reference_fp32_bytes'] / 2**20:.3f} MiB; WER "
              + ", ".join(f"{s} {w:.2f}" for s, w in results["reference_wer"].items())
-             + f"). MAPSSWE at alpha = {results['alpha']}; ▲ = significantly worse than the reference.", "",
+             + f"). MAPSSWE at alpha = {results['alpha']}; ▲ = significantly worse than the reference, "
+             "▼ = significantly better.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["systems"]:
         cells = [r["method"], r["label"], r["subnet"], f"{r['average_bits']:.2f}", f"{r['packed_bytes'] / 2**20:.3f}",
                  f"{r['ratio_vs_ref']:.2f}x", f"{r['weights_ratio_vs_ref']:.2f}x"]
         for s in sets:
             x = r["sets"][s]
-            cells.append(f"{x['wer']:.2f}{' ▲' if x['worse'] else ''} ({x['sub']}/{x['del']}/{x['ins']})")
+            cells.append(f"{x['wer']:.2f}{_mark(x)} ({x['sub']}/{x['del']}/{x['ins']})")
         cells += [f"{r['sets'][s]['p_value']:.3f}" for s in sets]
         secs, gpu = r["compression_seconds"], r["compression_gpu_seconds"]
         cells += ["yes" if r["lossless"] else "no",
@@ -340,16 +343,21 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mark(verdict: dict) -> str:
+    """" ▲" for significantly worse, " ▼" for significantly better, else nothing."""
+    return " ▲" if verdict["worse"] else " ▼" if verdict.get("better") else ""
+
+
 def format_nested(nested: dict, sets: list[str]) -> list[str]:
     """Markdown lines: nested systems against their twins, and the training-time accounting."""
     head = ["nested system"] + [f"WER {s} nested / twin" for s in sets] + [f"p {s}" for s in sets]
     head += ["nested worse", "twin training s"]
     lines = [f"Nested systems of {nested['bench']} against their individually trained twins "
-             "(MAPSSWE; ▲ = nested significantly worse than its twin):", "",
+             "(MAPSSWE; ▲ = nested significantly worse than its twin, ▼ = better):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in nested["pairs"]:
         cells = [p["system"]]
-        cells += [f"{p['sets'][s]['nested_wer']:.2f}{' ▲' if p['sets'][s]['worse'] else ''} / "
+        cells += [f"{p['sets'][s]['nested_wer']:.2f}{_mark(p['sets'][s])} / "
                   f"{p['sets'][s]['twin_wer']:.2f}" for s in sets]
         cells += [f"{p['sets'][s]['p_value']:.3f}" for s in sets]
         cells += ["yes" if p["worse"] else "no",
