@@ -123,3 +123,34 @@ def test_rescore_combines_scores():
     assert [o[0] for o in rescore(nbest, lambda toks: att[tuple(toks)], ctc_weight=1.0)] == [[1, 2], [1], [2]]
     with pytest.raises(ValueError):
         rescore(nbest, lambda toks: 0.0, ctc_weight=2.0)
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["ctc", "hybrid"])
+def test_recognize_batches_with_a_pool_equals_batch_by_batch(decoder):
+    """``recognize_batches`` queues every batch's beam searches to the worker pool (a CTC model)
+    or rescores per batch (a model with an attention decoder); either way each utterance gets
+    what ``recognize_batch`` without a pool gives it."""
+    from allinone.eval.decode import BeamSearchPool, DecodeOptions, recognize_batch, recognize_batches
+    from allinone.models import ASRModel, ASRModelConfig
+
+    from supernet_helpers import VOCAB, tiny_batch, tiny_encoder
+
+    dec = dict(attention_heads=2, linear_units=32, num_blocks=1) if decoder else None
+    torch.manual_seed(0)
+    model = ASRModel(ASRModelConfig(encoder=tiny_encoder(), vocab_size=VOCAB, decoder=dec,
+                                    ctc_weight=0.3 if decoder else 1.0)).eval()
+    batches = []
+    for seed in range(3):
+        b = tiny_batch(seed, batch=3, frames=57 + 10 * seed)
+        batches.append({**b, "utt_ids": [f"u{seed}_{i}" for i in range(3)]})
+    opts = DecodeOptions(beam=4, num_workers=2)
+    expected = {}
+    for b in batches:
+        expected.update(zip(b["utt_ids"], recognize_batch(model, b["feats"], b["feat_lens"], opts)))
+    with BeamSearchPool(2, opts, [str(i) for i in range(VOCAB)]) as pool:
+        submitted = []
+        real = pool.submit
+        pool.submit = lambda lps: submitted.append(len(lps)) or real(lps)
+        got = recognize_batches(model, batches, opts, pool=pool)
+    assert got == expected and len(set(map(tuple, got.values()))) > 1
+    assert submitted == [3, 3, 3]  # every batch's searches ran in the pool

@@ -210,17 +210,10 @@ def _decode_options(opts: BenchOptions):
 @torch.no_grad()
 def _decode(model, subnet: SubnetConfig, ts: TestSet, tokenizer, opts: BenchOptions, lm=None,
             pool=None) -> dict[str, str]:
-    from allinone.eval.decode import recognize_batch
+    from allinone.eval.decode import recognize_batches
 
-    dopts = _decode_options(opts)
-    device = torch.device(opts.device)
-    hyps = {}
-    for batch in ts.batches:
-        ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), dopts, subnet,
-                              lm=lm, pool=pool)
-        for utt_id, tokens in zip(batch["utt_ids"], ids):
-            hyps[utt_id] = tokenizer.decode(tokens)
-    return hyps
+    ids = recognize_batches(model, ts.batches, _decode_options(opts), subnet, lm=lm, pool=pool)
+    return {utt_id: tokenizer.decode(tokens) for utt_id, tokens in ids.items()}
 
 
 def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, fbank,

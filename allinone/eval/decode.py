@@ -137,7 +137,11 @@ class BeamSearchPool:
 
     def search(self, log_probs: list[torch.Tensor]) -> list[list[tuple[list[int], float]]]:
         """n-best lists of [frames, vocab] log-probabilities, in the order given."""
-        return self.pool.map(_search_in_worker, [lp.detach().double().cpu().numpy() for lp in log_probs])
+        return self.submit(log_probs).get()
+
+    def submit(self, log_probs: list[torch.Tensor]):
+        """Queue the searches and return at once; ``.get()`` of the result gives ``search``'s lists."""
+        return self.pool.map_async(_search_in_worker, [lp.detach().double().cpu().numpy() for lp in log_probs])
 
     def __enter__(self) -> "BeamSearchPool":
         return self
@@ -173,7 +177,7 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, l
     log_probs = model.ctc_log_probs(enc).float()
     if opts.beam <= 1:
         return ctc_greedy_batch(log_probs, enc_lens)
-    utts = [log_probs[b, : int(enc_lens[b])] for b in range(log_probs.shape[0])]
+    utts = _per_utterance(log_probs, enc_lens)
     if pool is not None:
         nbests = pool.search(utts)
     else:
@@ -191,6 +195,38 @@ def recognize_batch(model, feats, feat_lens, opts: DecodeOptions, subnet=None, l
         total = opts.ctc_weight * ctc_scores + (1 - opts.ctc_weight) * att_scores
         results.append(hyps[int(total.argmax())])
     return results
+
+
+def _per_utterance(log_probs: torch.Tensor, lens: torch.Tensor) -> list[torch.Tensor]:
+    """[B, T, V] padded log-probabilities -> B tensors [T_b, V] without the padding."""
+    return [log_probs[b, : int(lens[b])] for b in range(log_probs.shape[0])]
+
+
+@torch.no_grad()
+def recognize_batches(model, batches, opts: DecodeOptions, subnet=None, lm=None,
+                      pool: BeamSearchPool | None = None) -> dict[str, list[int]]:
+    """utt_id -> token ids of the best hypothesis, for every utterance of ``batches`` (collated
+    dicts with ``feats``, ``feat_lens``, ``utt_ids``), as ``recognize_batch`` gives them.
+
+    With a pool and a CTC-only model, each batch's beam searches are queued as soon as its
+    encoder has run and collected at the end, so the encoder never waits for a batch's slowest
+    search and the workers never wait for the encoder (with many cores the per-batch wait
+    was most of a decode). A model with an attention decoder rescores per batch, as before.
+    """
+    device = torch.device(opts.device)
+    queued = pool is not None and opts.beam > 1 and getattr(model, "decoder", None) is None
+    hyps: dict[str, list[int]] = {}
+    pending = []
+    for batch in batches:
+        feats, feat_lens = batch["feats"].to(device), batch["feat_lens"].to(device)
+        if queued:
+            enc, enc_lens = model.encode(feats, feat_lens, subnet)
+            pending.append((batch["utt_ids"], pool.submit(_per_utterance(model.ctc_log_probs(enc).float(), enc_lens))))
+        else:
+            hyps.update(zip(batch["utt_ids"], recognize_batch(model, feats, feat_lens, opts, subnet, lm, pool)))
+    for utt_ids, result in pending:
+        hyps.update(zip(utt_ids, (list(nbest[0][0]) for nbest in result.get())))
+    return hyps
 
 
 def load_lm_scorer(path: str | Path, tokenizer):
@@ -224,7 +260,6 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output directory {out_dir} is an existing file")
-    device = torch.device(opts.device)
     loaded = load_model_dir(model_dir, device=opts.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     lm = load_lm_scorer(opts.lm, tokenizer) if opts.lm else None
@@ -235,14 +270,11 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     budget = opts.max_samples if isinstance(loaded.fbank, WaveformConfig) else opts.max_frames
     sampler = BucketBatchSampler(dataset.lengths, budget, shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-    hyps: dict[str, str] = {}
     start = time.time()
     with search_pool(opts, tokenizer.token_list, len(dataset)) as pool:
-        for batch in tqdm(loader, desc="decode", leave=False):
-            ids = recognize_batch(model, batch["feats"].to(device), batch["feat_lens"].to(device), opts, lm=lm,
-                                  pool=pool)
-            for utt_id, tokens in zip(batch["utt_ids"], ids):
-                hyps[utt_id] = tokenizer.decode(tokens)
+        # (the bar counts encoder batches; queued beam searches finish after it)
+        ids = recognize_batches(model, tqdm(loader, desc="decode", leave=False), opts, lm=lm, pool=pool)
+    hyps = {utt_id: tokenizer.decode(tokens) for utt_id, tokens in ids.items()}
     seconds = time.time() - start
     refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
     result = write_results(out_dir, refs, hyps)
