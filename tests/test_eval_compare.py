@@ -120,6 +120,20 @@ def test_reference_that_recognises_nothing_is_flagged(setup, tmp_path, capsys):
     assert setup["results"]["reference_warning"] == reference_warning({"test": ref_wer})
 
 
+def test_verdict_follows_the_systems_place_in_the_test():
+    from allinone.eval.compare import verdict
+
+    refs = {f"u{i}": "a b c d e" for i in range(30)}
+    right = dict(refs)
+    wrong = {u: " ".join(["x"] * (i % 3 + 1) + "a b c d e".split()[i % 3 + 1:]) for i, u in enumerate(refs)}  # 1-3 errors
+    test = mapsswe(refs, right, wrong)
+    assert test.significant
+    assert verdict(test, "a") == {"worse": False, "better": True}   # the right system, in place a
+    assert verdict(test, "b") == {"worse": True, "better": False}   # the wrong one, in place b
+    same = mapsswe(refs, right, right)
+    assert verdict(same, "a") == verdict(same, "b") == {"worse": False, "better": False}
+
+
 def test_lossless_ratio_is_the_largest_not_worse_system():
     rows = [{"method": "u", "label": "b8", "subnet": "x8", "ratio_vs_ref": 3.0, "lossless": True},
             {"method": "u", "label": "b2", "subnet": "x2", "ratio_vs_ref": 9.0, "lossless": False},

@@ -148,9 +148,18 @@ def test_recognize_batches_with_a_pool_equals_batch_by_batch(decoder):
     for b in batches:
         expected.update(zip(b["utt_ids"], recognize_batch(model, b["feats"], b["feat_lens"], opts)))
     with BeamSearchPool(2, opts, [str(i) for i in range(VOCAB)]) as pool:
-        submitted = []
+        events = []
         real = pool.submit
-        pool.submit = lambda lps: submitted.append(len(lps)) or real(lps)
+
+        def submit(lps):
+            result = real(lps)
+            real_get = result.get
+            events.append(f"submit {len(lps)}")
+            result.get = lambda *a: events.append("get") or real_get(*a)
+            return result
+
+        pool.submit = submit
         got = recognize_batches(model, batches, opts, pool=pool)
-    assert got == expected and len(set(map(tuple, got.values()))) > 1
-    assert submitted == [3, 3, 3]  # every batch's searches ran in the pool
+    assert got == expected and len(set(map(tuple, got.values()))) == len(got)  # 9 distinct hypotheses
+    # CTC: every batch queued before the first result is collected; hybrid: batch by batch
+    assert events == (["submit 3", "get"] * 3 if decoder else ["submit 3"] * 3 + ["get"] * 3)

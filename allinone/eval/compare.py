@@ -131,8 +131,8 @@ def nested_twins(bench_dir: str | Path, twins: dict[str, dict[str, dict[str, str
     the twin's training seconds.  refs_of: test set -> reference transcripts.  reference:
     (test set -> hypotheses, fp32 bytes) of the float model both started from, the twin of
     the bench's reference system (its largest float subnet) when the sizes agree.  Returns ``{"pairs": [...], "time": {...}}``:
-    per pair and set both WERs, the MAPSSWE p-value and ``worse`` (the nested system
-    significantly worse than its twin); ``time``: the supernet run's training seconds (from
+    per pair and set both WERs, the MAPSSWE p-value, ``worse`` and ``better`` (the nested
+    system significantly worse / better than its twin); ``time``: the supernet run's training seconds (from
     its ``final/config.json``) against the mean twin's seconds times the number of
     benchmarked systems other than the reference (each would need its own run).
     """
@@ -163,8 +163,7 @@ def nested_twins(bench_dir: str | Path, twins: dict[str, dict[str, dict[str, str
             refs = {u: r for u, r in refs_of[t].items() if u in nested and u in twin_hyps[t]}
             test = mapsswe(refs, twin_hyps[t], nested, alpha=alpha)
             row["sets"][t] = {"nested_wer": score(refs, nested).wer, "twin_wer": score(refs, twin_hyps[t]).wer,
-                              "p_value": test.p_value, "worse": bool(test.significant and test.better == "a"),
-                              "better": bool(test.significant and test.better == "b")}
+                              "p_value": test.p_value, **verdict(test, "b")}  # (a = the twin)
         row["worse"] = any(x["worse"] for x in row["sets"].values())
         pairs.append(row)
     model_config = Path(bench["model"]) / "config.json"
@@ -263,8 +262,7 @@ def compare_runs(reference: str | Path, runs: list[MethodRun], data_dirs: list[s
             test = mapsswe(refs, d["hyps"], {u: ref_dec[name]["hyps"][u] for u in refs}, alpha=alpha)
             per_set[name] = {"wer": d["wer"]["wer"], "sub": d["wer"]["sub"], "del": d["wer"]["del"],
                              "ins": d["wer"]["ins"], "p_value": test.p_value,
-                             "worse": test.significant and test.better == "b",
-                             "better": test.significant and test.better == "a"}
+                             **verdict(test, "a")}  # (a = the system, b = the reference)
         rows.append({
             "method": run.method, "label": run.label, "run_dir": str(run.run_dir), "subnet": alloc["subnet"],
             "average_bits": report.average_bits, "target_bits": alloc.get("target_bits"),
@@ -343,8 +341,16 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(test, system: str) -> dict:
+    """``worse`` / ``better`` of ``system`` (``"a"`` or ``"b"``, its place in the MAPSSWE call)
+    against the other system, from a ``MapsswResult``."""
+    other = "b" if system == "a" else "a"
+    return {"worse": bool(test.significant and test.better == other),
+            "better": bool(test.significant and test.better == system)}
+
+
 def _mark(verdict: dict) -> str:
-    """" ▲" for significantly worse, " ▼" for significantly better, else nothing."""
+    """Returns " ▲" for significantly worse, " ▼" for significantly better, else nothing."""
     return " ▲" if verdict["worse"] else " ▼" if verdict.get("better") else ""
 
 

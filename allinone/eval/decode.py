@@ -204,14 +204,15 @@ def _per_utterance(log_probs: torch.Tensor, lens: torch.Tensor) -> list[torch.Te
 
 @torch.no_grad()
 def recognize_batches(model, batches, opts: DecodeOptions, subnet=None, lm=None,
-                      pool: BeamSearchPool | None = None) -> dict[str, list[int]]:
+                      pool: BeamSearchPool | None = None, progress: bool = False) -> dict[str, list[int]]:
     """utt_id -> token ids of the best hypothesis, for every utterance of ``batches`` (collated
     dicts with ``feats``, ``feat_lens``, ``utt_ids``), as ``recognize_batch`` gives them.
 
-    With a pool and a CTC-only model, each batch's beam searches are queued as soon as its
-    encoder has run and collected at the end, so the encoder never waits for a batch's slowest
-    search and the workers never wait for the encoder (with many cores the per-batch wait
-    was most of a decode). A model with an attention decoder rescores per batch, as before.
+    With a pool and a model without an attention decoder (CTC-only, wav2vec2), each batch's
+    beam searches are queued as soon as its encoder has run and collected at the end, so the
+    encoder never waits for a batch's slowest search and the workers never wait for the encoder.
+    A model with an attention decoder rescores per batch, as before. progress: a bar over the
+    collection of the queued searches.
     """
     device = torch.device(opts.device)
     queued = pool is not None and opts.beam > 1 and getattr(model, "decoder", None) is None
@@ -222,9 +223,12 @@ def recognize_batches(model, batches, opts: DecodeOptions, subnet=None, lm=None,
         if queued:
             enc, enc_lens = model.encode(feats, feat_lens, subnet)
             pending.append((batch["utt_ids"], pool.submit(_per_utterance(model.ctc_log_probs(enc).float(), enc_lens))))
+            for _, result in pending:  # a worker's error surfaces now, not after every batch
+                if result.ready() and not result.successful():
+                    result.get()
         else:
             hyps.update(zip(batch["utt_ids"], recognize_batch(model, feats, feat_lens, opts, subnet, lm, pool)))
-    for utt_ids, result in pending:
+    for utt_ids, result in tqdm(pending, desc="search", leave=False, disable=not progress or not pending):
         hyps.update(zip(utt_ids, (list(nbest[0][0]) for nbest in result.get())))
     return hyps
 
@@ -272,8 +276,9 @@ def decode_data_dir(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     start = time.time()
     with search_pool(opts, tokenizer.token_list, len(dataset)) as pool:
-        # (the bar counts encoder batches; queued beam searches finish after it)
-        ids = recognize_batches(model, tqdm(loader, desc="decode", leave=False), opts, lm=lm, pool=pool)
+        # (the first bar counts encoder batches, the second the queued beam searches after them)
+        ids = recognize_batches(model, tqdm(loader, desc="decode", leave=False), opts, lm=lm, pool=pool,
+                                progress=True)
     hyps = {utt_id: tokenizer.decode(tokens) for utt_id, tokens in ids.items()}
     seconds = time.time() - start
     refs = {u.utt_id: u.text for u in utts if u.utt_id in hyps}
