@@ -1,13 +1,15 @@
 """``allinone bench``: every subnet of a grid on every test set, with the numbers a choice needs.
 
 For each subnet (system) and each data directory: WER with substitutions / deletions /
-insertions; MAPSSWE against a reference system (default: the largest float subnet, the
-"32-bit model" of method.md section 2) with p-value, verdict at alpha and whether the
-system is significantly *worse*; parameters, packed bytes and compression ratios (size
+insertions; MAPSSWE against a reference system (default: the largest float subnet) or,
+with ``float_model``, against a separately trained float model such as the one the supernet
+started from (the "32-bit model" of method.md section 2), with p-value, verdict at alpha and
+whether the system is significantly *worse*; parameters, packed bytes and compression ratios (size
 accounting of the extracted model: the numbers ``allinone info`` prints for its file);
 latency per backend and peak memory (``allinone.eval.latency``).  Then the lossless
 compression ratio of the grid: the largest ``ratio_vs_ref`` among systems not
-significantly worse than the reference on every test set.
+significantly worse than that system on every test set (sizes are always relative to the
+reference subnet).
 
 The supernet is a Conformer ``ASRModel`` (fbank features) or a wav2vec2 / HuBERT
 ``Wav2Vec2CTCModel`` (raw waveforms; the model directory's front end decides how the
@@ -22,6 +24,7 @@ Output directory::
     OUT/results.csv, results.json, results.md, pareto.png, report.md
     OUT/systems/<subnet>/system.json          sizes, latency, WER per test set, settings
     OUT/systems/<subnet>/<test set>/          hyp.trn, ref.trn, text, wer.json, alignments.txt
+    OUT/float_model/system.json, <test set>/  with ``float_model``: the same for it
 
 ``system.json`` is written last, atomically: a system that has it (with the same model,
 test sets, beam and latency settings) is not decoded again when the command is re-run,
