@@ -43,7 +43,7 @@ case $phase in
     done
     ./run.sh --stage 2 --stop_stage 2 --nj 16 --python "$python" ${BASELINE_OPTS:+--train_opts "$BASELINE_OPTS"}
     for i in "${!variants[@]}"; do
-      v=${variants[$i]} name=$(echo ${variants[$i]%%:*}) dir=exp/variants/$(echo ${variants[$i]%%:*})
+      v=${variants[$i]} name=$(echo ${variants[$i]%%:*}) dir=exp/variants/$name
       mkdir -p $dir && cp -rn $asr_exp/tokenizer $asr_exp/feats_stats.npz $dir/
       # the variant's own overrides last: they win over BASELINE_OPTS; with several GPUs the
       # variants go round robin over them (the baseline itself trains on the first)

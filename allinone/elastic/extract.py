@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from allinone.elastic.quant import quantizable_layers
+from allinone.elastic.quant import quant_prefixes_of, quantizable_layers
 from allinone.elastic.space import SearchSpace, load_grid, load_space
 from allinone.elastic.subnet import EXTRACTOR_KIND, FLOAT_BITS, SubnetConfig
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
-from allinone.quant.accounting import DEFAULT_QUANT_PREFIXES, SizeReport, size_report
+from allinone.quant.accounting import SizeReport, size_report
 from allinone.quant.quantizer import QuantizedTensor
 
 __all__ = ["subnet_model_config", "extract", "extracted_size", "extract_to_dirs", "ExtractResult"]
@@ -150,7 +150,7 @@ def extracted_size(model: ASRModel | Wav2Vec2CTCModel, quantized: dict[str, Quan
     """Size accounting of an extracted model: every tensor, codes and scales included."""
     return size_report(model.state_dict(), {k: q.bits for k, q in quantized.items()},
                        scale_counts={k: q.scale.numel() for k, q in quantized.items()},
-                       quant_prefixes=getattr(model, "quant_prefixes", DEFAULT_QUANT_PREFIXES))
+                       quant_prefixes=quant_prefixes_of(model))
 
 
 @dataclass

@@ -73,6 +73,12 @@ class QuantConfig:
         return cls(**d).validate()
 
 
+def quant_prefixes_of(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of a model's quantizable weights: its ``quant_prefixes`` attribute
+    (wav2vec2), else the Conformer blocks of an ``ASRModel``."""
+    return tuple(getattr(model, "quant_prefixes", DEFAULT_QUANT_PREFIXES))
+
+
 def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     """(weight name, layer, module kind) of every quantizable weight of a model.
 
@@ -80,7 +86,7 @@ def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]
     Which weights: those under ``model.quant_prefixes`` (a model attribute; default
     ``encoder.encoders.``, the Conformer blocks of an ``ASRModel``).
     """
-    prefixes = getattr(model, "quant_prefixes", DEFAULT_QUANT_PREFIXES)
+    prefixes = quant_prefixes_of(model)
     for name, module in model.named_modules():
         if (isinstance(module, (nn.Linear, nn.Conv1d))
                 and default_quantizable(f"{name}.weight", module.weight, prefixes)):

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from allinone.eval.report import significance_mark
 from allinone.utils import atomic_open
 
 logger = logging.getLogger("allinone")
@@ -321,7 +322,8 @@ def format_markdown(results: dict) -> str:
                  f"{r['ratio_vs_ref']:.2f}x", f"{r['weights_ratio_vs_ref']:.2f}x"]
         for s in sets:
             x = r["sets"][s]
-            cells.append(f"{x['wer']:.2f}{_mark(x)} ({x['sub']}/{x['del']}/{x['ins']})")
+            cells.append(f"{x['wer']:.2f}{significance_mark(x['worse'], x.get('better', False))} "
+                         f"({x['sub']}/{x['del']}/{x['ins']})")
         cells += [f"{r['sets'][s]['p_value']:.3f}" for s in sets]
         secs, gpu = r["compression_seconds"], r["compression_gpu_seconds"]
         cells += ["yes" if r["lossless"] else "no",
@@ -349,11 +351,6 @@ def verdict(test, system: str) -> dict:
             "better": bool(test.significant and test.better == system)}
 
 
-def _mark(verdict: dict) -> str:
-    """Returns " ▲" for significantly worse, " ▼" for significantly better, else nothing."""
-    return " ▲" if verdict["worse"] else " ▼" if verdict.get("better") else ""
-
-
 def format_nested(nested: dict, sets: list[str]) -> list[str]:
     """Markdown lines: nested systems against their twins, and the training-time accounting."""
     head = ["nested system"] + [f"WER {s} nested / twin" for s in sets] + [f"p {s}" for s in sets]
@@ -363,8 +360,8 @@ def format_nested(nested: dict, sets: list[str]) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in nested["pairs"]:
         cells = [p["system"]]
-        cells += [f"{p['sets'][s]['nested_wer']:.2f}{_mark(p['sets'][s])} / "
-                  f"{p['sets'][s]['twin_wer']:.2f}" for s in sets]
+        marks = {s: significance_mark(x["worse"], x.get("better", False)) for s, x in p["sets"].items()}
+        cells += [f"{p['sets'][s]['nested_wer']:.2f}{marks[s]} / {p['sets'][s]['twin_wer']:.2f}" for s in sets]
         cells += [f"{p['sets'][s]['p_value']:.3f}" for s in sets]
         cells += ["yes" if p["worse"] else "no",
                   "(float model)" if p["twin_seconds"] is None else f"{p['twin_seconds']:.0f}"]

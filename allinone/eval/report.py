@@ -38,7 +38,8 @@ import torch
 from allinone.utils import atomic_open
 
 __all__ = ["build_results", "write_outputs", "pareto_front", "size_brackets", "ROW_FIELDS",
-           "csv_value", "provenance", "reference_warning"]
+           "csv_value", "provenance", "reference_warning", "significance_mark", "lossless_summary",
+           "significance_reference"]
 
 MIB = 2 ** 20
 
@@ -259,8 +260,7 @@ def results_table(results: dict) -> str:
                  _fmt(s["avg_bits"], ".2f", "32 (float)")]
         for t in sets:
             r = s["test_sets"][t]
-            # significantly worse / better than what significance is judged against
-            mark = " ▲" if r["worse"] else (" ▼" if r["significant"] else "")
+            mark = significance_mark(r["worse"], r["significant"] and not r["worse"])
             cells += [f"{r['wer']:.2f}{mark} ({r['sub']}/{r['del']}/{r['ins']})", f"{r['p_value']:.3f}"]
         cells.append("yes" if s["lossless"] else "no")
         for b in results["backends"]:
@@ -268,6 +268,12 @@ def results_table(results: dict) -> str:
             cells.append("-" if not lat else f"{lat['ms_per_utt']:.1f} ({lat['rtf']:.3f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def significance_mark(worse: bool, better: bool) -> str:
+    """" ▲" after a WER significantly worse than what it is judged against, " ▼" after one
+    significantly better, else nothing (bench and compare tables)."""
+    return " ▲" if worse else " ▼" if better else ""
 
 
 def lossless_summary(results: dict) -> str:
@@ -290,6 +296,7 @@ def _results_md(results: dict) -> str:
     fm = results.get("float_model")
     float_line = ("Float model: WER " + ", ".join(f"{t} {w:.2f}" for t, w in fm["wer"].items()) + ".\n" if fm else "")
     judge = significance_reference(results)
+    summary = lossless_summary(results)
     return (
         f"# Benchmark of {results['model']}\n\n"
         f"Test sets: {sets}. Reference (sizes): {results['reference']}. MAPSSWE at alpha = {results['alpha']}; "
@@ -300,7 +307,7 @@ def _results_md(results: dict) -> str:
         "alone (no front end, norms, biases or CTC layer: how published ratios count). "
         "Latency: median over repeats, per utterance, warm-up excluded.\n\n"
         + results_table(results)
-        + f"\n{lossless_summary(results)[0].upper()}{lossless_summary(results)[1:]} (against {judge}).\n"
+        + f"\n{summary[0].upper()}{summary[1:]} (against {judge}).\n"
         + _warning_md(results)
     )
 
@@ -329,11 +336,9 @@ def plot_pareto(results: dict, path: Path) -> None:
     ref = next(s for s in systems if s["reference"])
     ax.scatter([ref["packed_bytes"] / MIB], [ref["pooled_wer"]], marker="*", s=220, color="gold",
                edgecolors="black", zorder=4, label=f"reference {ref['system']}")
-    fm = results.get("float_model")
-    if fm:  # the line significance is judged against
-        ax.axhline(fm["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1, label="float model")
-    else:
-        ax.axhline(ref["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1)
+    fm = results.get("float_model")  # the dashed line: the WER significance is judged against
+    ax.axhline(fm["pooled_wer"] if fm else ref["pooled_wer"], color="gray", lw=0.8, ls="--", zorder=1,
+               label="float model" if fm else None)
     fs = sorted((s for s in systems if s["system"] in front), key=lambda s: s["packed_bytes"])
     ax.plot([s["packed_bytes"] / MIB for s in fs], [s["pooled_wer"] for s in fs], color="tab:blue",
             lw=1, drawstyle="steps-post", zorder=2, label="Pareto front")

@@ -64,9 +64,9 @@ def subnet_size(model, subnet: SubnetConfig):
     """
     from allinone.elastic.extract import subnet_model_config
     from allinone.elastic.mixed_precision import BLOCK_PREFIXES, weight_cell
-    from allinone.elastic.quant import quantizable_layers
+    from allinone.elastic.quant import quant_prefixes_of, quantizable_layers
     from allinone.elastic.subnet import EXTRACTOR_KIND
-    from allinone.quant.accounting import DEFAULT_QUANT_PREFIXES, size_report
+    from allinone.quant.accounting import size_report
 
     with torch.device("meta"):
         small = type(model)(subnet_model_config(model.config, subnet))
@@ -92,7 +92,7 @@ def subnet_size(model, subnet: SubnetConfig):
         bits[name] = b
         scales[name] = shape[0] if getattr(layer.quantizer, "per_channel", False) else 1
     return size_report(small.state_dict(), bits, scale_counts=scales,
-                       quant_prefixes=getattr(small, "quant_prefixes", DEFAULT_QUANT_PREFIXES))
+                       quant_prefixes=quant_prefixes_of(small))
 
 
 def weight_bits(report, prefixes: tuple[str, ...] | None = None) -> float:
