@@ -167,3 +167,34 @@ def test_original_layout_gives_the_shipped_splits(data_root, tmp_path):
     r = run(["--corpus_root", tmp_path / "release", "--corpus_layout", "original", "--stop_stage", 1],
             tmp_path / "second")
     assert r.returncode != 0 and "speechocean762 audio folder not found" in r.stderr
+
+
+def test_every_training_config_loads_and_sp_do_changes_only_what_it_says():
+    """Each of the recipe's training configs passes the trainer's key and type checks; the
+    sp_do config is the recipe's float config with speed perturbation, dropout 0.2 and 72
+    epochs, and nothing else (docs/benchmarks.md 4l), so the two cannot drift apart."""
+    from dataclasses import asdict
+
+    from allinone.train.config import load_config
+
+    conf = RUN.parent / "conf"
+    over = {"train_supernet.yaml": "train_conformer.yaml", "train_supernet_tiny.yaml": "train_tiny.yaml",
+            "train_wav2vec2_supernet.yaml": "train_wav2vec2_base.yaml"}  # as run.sh and bench/ merge them
+    for path in sorted(conf.glob("train_*.yaml")):
+        load_config([conf / over[path.name], path] if path.name in over else path)
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    base = flat(asdict(load_config(conf / "train_conformer.yaml")))
+    sp_do = flat(asdict(load_config(conf / "train_conformer_sp_do.yaml")))
+    changed = {k: (base[k], sp_do[k]) for k in base if base[k] != sp_do[k]}
+    assert changed == {
+        "exp_dir": ("exp/speechocean762/conformer", "exp/speechocean762/conformer_sp_do"),
+        "data.speed_perturb": ([1.0], [0.9, 1.0, 1.1]),
+        "model.encoder.dropout_rate": (0.1, 0.2),
+        "model.encoder.positional_dropout_rate": (0.1, 0.2),
+        "model.encoder.attention_dropout_rate": (0.1, 0.2),
+        "train.max_epochs": (200, 72),
+    }
