@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The CPU demo: an all-in-one supernet on connected spoken digits (shipped FSDD recordings).
 # Stages: 1 data  2 float model  3 decode float  4 supernet  5 extract grid  6 benchmark grid
+#         7 (not in `make demo`: ./run.sh --stage 7) twins: every grid system trained alone, against its nested system
 set -euo pipefail
 cd "$(dirname "$0")"
 stage=1
-stop_stage=6
+stop_stage=6                        # --stop_stage 7 adds the twins (about a minute per system)
 data_root=../../../../shared/data   # the corpora we ship; override with --data_root
 float_config=conf/train_demo.yaml
 supernet_config=conf/train_supernet_demo.yaml
@@ -60,4 +61,25 @@ if run_stage 6 "benchmark the grid: WER, significance, size, latency"; then
   fi
   echo "Task: connected digits, FSDD recordings concatenated (synthetic), 6 speakers seen in training."
   echo "One supernet training run produced every system above; none was trained on its own."
+fi
+if run_stage 7 "twins: every grid system trained alone as long as the supernet, against its nested system"; then
+  # Each twin: the supernet's config, float starting point and importance ordering, one fixed
+  # subnet on labels + KL to the frozen float model (strategy fixed), the supernet's number of
+  # updates; then allinone compare tests each nested system of stage 6's bench against its twin
+  # (MAPSSWE) and sets the supernet's training time against all the twins'.
+  [ -f "$sup_exp/bench/results.json" ] || { echo "$0: stage 7 needs stage 6's bench ($sup_exp/bench)" >&2; exit 1; }
+  steps=$($python -c "import json, sys; print(json.load(open(sys.argv[1]))[-1]['step'])" "$sup_exp/history.json")
+  # the bench's reference, its largest float subnet, is not trained alone: its twin is the float model
+  ref=$($python -c "import json, sys; print(json.load(open(sys.argv[1]))['reference'])" "$sup_exp/bench/results.json")
+  twins=$(dirname "$sup_exp")/twins runs=()
+  for s in $(sed -n 's/^- *//p' "$grid"); do
+    [ "$s" != "$ref" ] || continue
+    [ -f "$twins/$s/allocation.json" ] || allinone train "$supernet_config" exp_dir="$twins/$s" \
+      supernet.strategy=fixed supernet.subnet="$s" supernet.label_weight=1.0 train.max_steps="$steps" \
+      $([ -f "$twins/$s/checkpoint.pt" ] && echo --resume)
+    runs+=("twin/$s=$twins/$s")
+  done
+  init_from=$(sed -n 's/^ *init_from: *//p' "$supernet_config")
+  allinone compare "$init_from" "${runs[@]}" --data data/test --out "$twins/compare" --nested "$sup_exp/bench"
+  echo "Table: $twins/compare/results.md"
 fi
