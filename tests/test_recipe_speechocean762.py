@@ -105,6 +105,13 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     # Other data options than the stamp's are refused rather than silently reused.
     other = run(["--corpus_root", corpus, "--subset", 5, "--stop_stage", 1], tmp_path)
     assert other.returncode != 0 and "was made with other options" in other.stderr
+    # The supernet belongs to its float model: another --config in the same exp dir is refused
+    # by stages 4-7 (it would reuse, extract and bench this supernet), not by stages 1-3.
+    assert (sup / ".float_model").read_text().strip() == f"{asr}/final"
+    for stages in ((4, 4), (7, 7), (2, 7)):
+        moved = run(["--corpus_root", corpus, "--subset", 12, "--config", "conf/train_conformer.yaml",
+                     "--stage", stages[0], "--stop_stage", stages[1]], tmp_path)
+        assert moved.returncode != 0 and f"was trained from {asr}/final, not from" in moved.stderr, stages
 
 
 def test_missing_corpus_root(tmp_path):
@@ -171,8 +178,8 @@ def test_original_layout_gives_the_shipped_splits(data_root, tmp_path):
 
 def test_every_training_config_loads_and_sp_do_changes_only_what_it_says():
     """Each of the recipe's training configs passes the trainer's key and type checks; the
-    sp_do config is the recipe's float config with speed perturbation, dropout 0.2 and 72
-    epochs, and nothing else (docs/benchmarks.md 4l), so the two cannot drift apart."""
+    sp_do config is the recipe's float config with speed perturbation, dropout 0.2 and 5800
+    updates, and nothing else (docs/benchmarks.md 4l), so the two cannot drift apart."""
     from dataclasses import asdict
 
     from allinone.train.config import load_config
@@ -196,5 +203,7 @@ def test_every_training_config_loads_and_sp_do_changes_only_what_it_says():
         "model.encoder.dropout_rate": (0.1, 0.2),
         "model.encoder.positional_dropout_rate": (0.1, 0.2),
         "model.encoder.attention_dropout_rate": (0.1, 0.2),
-        "train.max_epochs": (200, 72),
+        "train.max_steps": (0, 5800),
     }
+    # its supernet (merged over it by stage 4) runs its own epochs, not the float run's 5800 updates
+    assert load_config([conf / "train_conformer_sp_do.yaml", conf / "train_supernet.yaml"]).train.max_steps == 0

@@ -22,7 +22,7 @@ def _tree(tmp: Path) -> tuple[Path, Path]:
     (tmp / "bench").mkdir(parents=True)
     shutil.copy(ROOT / "bench" / "so762_pack.sh", tmp / "bench")
     exp = tmp / "egs" / "speechocean762" / "asr1" / "exp"
-    for name, wer in (("good", 49.7), ("worse", 66.2)):
+    for name, wer in (("good", 9.5), ("worse", 49.7)):  # (in text order "49.7" comes first)
         v = exp / "variants" / name
         (v / "decode_beam1" / "dev").mkdir(parents=True)
         (v / "decode_beam1" / "dev" / "wer.json").write_text(json.dumps({"wer": wer}))
@@ -79,5 +79,18 @@ def test_the_float_model_is_left_out_first_and_the_total_stays_under_the_limit(t
     # too small for any model: the results alone, and both models named as left out
     script, out = _tree(tmp_path / "again")
     r = _pack(script, out, PACK_LIMIT_BYTES=100_000)
-    assert "exp/best_variant left out" in r.stderr and not _members(out, "models.tgz")
-    assert _members(out, "results.tgz")
+    assert "exp/asr_train_conformer/final left out" in r.stderr and "exp/best_variant left out" in r.stderr
+    assert not _members(out, "models.tgz") and _members(out, "results.tgz")
+
+
+def test_no_more_files_than_come_back(tmp_path):
+    script, out = _tree(tmp_path)
+    for i in range(4):  # with the one already there: five phase logs
+        (out / f"phase{i}.log").write_text("log\n")
+    # results (one file) + the logs = 6; both models in 200 kB parts would be 3 more files, the
+    # best variant's alone 2 more: the float model is left out although the bytes would fit
+    r = _pack(script, out, PACK_PART_BYTES=200_000)
+    assert "exp/asr_train_conformer/final left out" in r.stderr and "8 files" in r.stderr
+    assert _members(out, "models.tgz") == {"exp/best_variant/good/final/config.json",
+                                            "exp/best_variant/good/final/model.safetensors"}
+    assert len(list(out.iterdir())) == 8

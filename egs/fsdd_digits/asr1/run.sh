@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 stage=1
-stop_stage=6                        # --stop_stage 7 adds the twins (about a minute per system)
+stop_stage=6                        # --stop_stage 7 adds the twins (about 2 minutes per system)
 data_root=../../../../shared/data   # the corpora we ship; override with --data_root
 float_config=conf/train_demo.yaml
 supernet_config=conf/train_supernet_demo.yaml
@@ -68,6 +68,8 @@ if run_stage 7 "twins: every grid system trained alone as long as the supernet, 
   # updates; then allinone compare tests each nested system of stage 6's bench against its twin
   # (MAPSSWE) and sets the supernet's training time against all the twins'.
   [ -f "$sup_exp/bench/results.json" ] || { echo "$0: stage 7 needs stage 6's bench ($sup_exp/bench)" >&2; exit 1; }
+  grep -q '^ *init_from:' "$supernet_config" || \
+    { echo "$0: stage 7 needs supernet.init_from in $supernet_config (the float model the twins start from)" >&2; exit 1; }
   steps=$($python -c "import json, sys; print(json.load(open(sys.argv[1]))[-1]['step'])" "$sup_exp/history.json")
   # the bench's reference, its largest float subnet, is not trained alone: its twin is the float model
   ref=$($python -c "import json, sys; print(json.load(open(sys.argv[1]))['reference'])" "$sup_exp/bench/results.json")
@@ -79,6 +81,7 @@ if run_stage 7 "twins: every grid system trained alone as long as the supernet, 
       $([ -f "$twins/$s/checkpoint.pt" ] && echo --resume)
     runs+=("twin/$s=$twins/$s")
   done
+  [ ${#runs[@]} -gt 0 ] || { echo "$0: stage 7: the grid $grid has no system but the reference $ref" >&2; exit 1; }
   init_from=$(sed -n 's/^ *init_from: *//p' "$supernet_config")
   allinone compare "$init_from" "${runs[@]}" --data data/test --out "$twins/compare" --nested "$sup_exp/bench"
   echo "Table: $twins/compare/results.md"

@@ -52,6 +52,12 @@ asr_exp=$expdir/asr_$(basename "$config" .yaml)
 sup_exp=$expdir/supernet_$(basename "$supernet_config" .yaml)
 common="data.train=$datadir/train data.valid=$datadir/dev data.feat_cache_dir=$dumpdir/feats data.num_workers=$nj"
 cli() { "$python" -m allinone.cli "$@"; }
+# A supernet belongs to the float model it started from (stage 4 writes its name here): stages 4-7
+# of another --config in the same --expdir would reuse, extract and bench the wrong one.
+sup_origin=$sup_exp/.float_model
+if [ "$stop_stage" -ge 4 ] && [ "$stage" -le 7 ] && [ -f "$sup_origin" ] && [ "$(cat "$sup_origin")" != "$asr_exp/final" ]; then
+  die "$sup_exp was trained from $(cat "$sup_origin"), not from $asr_exp/final (--config $config): use another --expdir"
+fi
 
 if run_stage 1 "data preparation ($corpus_layout layout: $corpus_root -> $datadir)"; then
   sig="root=$corpus_root layout=$corpus_layout subset=$subset"
@@ -90,7 +96,7 @@ if run_stage 4 "all-in-one supernet training ($supernet_config over $config -> $
     check_data
     require_file "$asr_exp/final/config.json" "float baseline model" "run stage 3 first"
     require_disk "$expdir" "$min_free_gb"
-    mkdir -p "$sup_exp"
+    mkdir -p "$sup_exp" && echo "$asr_exp/final" > "$sup_origin"
     # The supernet starts from the float model, so it must use the float model's tokenizer.
     [ -d "$sup_exp/tokenizer" ] || cp -r "$asr_exp/final/tokenizer" "$sup_exp/tokenizer"
     "$python" ../../utils/merge_config.py "$config" "$supernet_config" > "$sup_exp/config.in.yaml"
