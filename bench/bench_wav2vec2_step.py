@@ -11,9 +11,13 @@ bf16 autocast, AdamW, CTC loss over random labels, CNN feature extractor trained
   supernet smallest         the space's smallest subnet (conf/space/wav2vec2/*.yaml)
 
 Target (issue 7): supernet step <= 1.15x the plain torchaudio step. Median of --repeats
-steps after --warmup, peak GPU memory per row.
+steps after --warmup, the rows of a layout timed in turn (round robin: a drift of the GPU's
+speed spreads over every row instead of landing on the last ones); peak GPU memory per row,
+with the other rows' models and optimizer states resident. --profile also counts each row's
+operator calls and CUDA kernels (the largest float subnet runs the plain model's ATen operators
+one for one: tests/test_wav2vec2_supernet.py).
 
-Run:  python bench/bench_wav2vec2_step.py --device cuda
+Run:  python bench/bench_wav2vec2_step.py --device cuda [--profile]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 import torchaudio
-from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
+from bench_train_step import make_step, step_op_counts, timed_round_robin  # (bench/ is on sys.path)
 
 from allinone.elastic.quant import QuantConfig
 from allinone.elastic.supernet import init_supernet
@@ -61,6 +65,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="2 layers of width 64: a CPU smoke test")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="also count operator calls and CUDA kernels of one step per row")
     args = p.parse_args()
     dev = args.device
     torch.manual_seed(0)
@@ -82,25 +87,20 @@ def main() -> None:
         tokens = torch.randint(1, cfg.vocab_size, (args.batch, frames // 4), device=dev)
         tok_lens = torch.full((args.batch,), tokens.shape[1], device=dev)
 
-        def make_step(model, forward):
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-            def step():
-                with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                    logits, out_lens = forward()
+        def ctc_step(model, forward):
+            """One training step of ``model``: forward() gives (logits, lengths); CTC loss, AdamW."""
+            def loss():
+                logits, out_lens = forward()
                 log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
-                loss = F.ctc_loss(log_probs, tokens, out_lens, tok_lens, zero_infinity=True)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                return F.ctc_loss(log_probs, tokens, out_lens, tok_lens, zero_infinity=True)
 
-            return step
+            return make_step(loss, model.parameters(), dev)
 
-        rows = []
+        steps = {}
         ta = torchaudio.models.wav2vec2_model(**torchaudio_kwargs(cfg)).to(dev).train()
-        rows.append(("torchaudio plain", make_step(ta, lambda: ta(waves, lens))))
+        steps["torchaudio plain"] = ctc_step(ta, lambda: ta(waves, lens))
         ours = Wav2Vec2CTCModel(cfg).to(dev).train()
-        rows.append(("ours plain", make_step(ours, lambda: ours(waves, lens))))
+        steps["ours plain"] = ctc_step(ours, lambda: ours(waves, lens))
         sup = Wav2Vec2CTCModel(Wav2Vec2Config(**kwargs, quant=QuantConfig.from_dict(QUANT)))
         space = init_supernet(sup, SPACES[layout] if not args.tiny else
                               {"depth": [2, 1], "ffn": [128, 64], "heads": [4, 2], "bits": [32, 8, 4, 2]})
@@ -109,13 +109,21 @@ def main() -> None:
         b8 = space.parse(space.format(largest).rsplit("_B", 1)[0] + "_B8")
         for name, subnet in (("supernet largest float", None), ("supernet largest 8-bit", b8),
                              ("supernet smallest", space.smallest())):
-            rows.append((name, make_step(sup, lambda s=subnet: sup(waves, lens, subnet=s))))
-        base = None
-        for name, step in rows:
-            ms = timed(step, args.warmup, args.repeats, dev)
-            base = base or ms
-            mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+            steps[name] = ctc_step(sup, lambda s=subnet: sup(waves, lens, subnet=s))
+        timings = timed_round_robin(steps, args.warmup, args.repeats, dev)
+        base = timings["torchaudio plain"][0]
+        for name, (ms, mem) in timings.items():
             print(f"| {layout} | {name} | {ms:.1f} | {ms / base:.2f}x | {mem:.2f} |", flush=True)
+        if args.profile:
+            print(f"\n{layout}, one step profiled: aten ops (top-level / all) of the forward + backward, "
+                  "the optimizer's aten ops, CUDA kernels of the whole step")
+            print("| layout | step | aten ops (top-level) | aten ops (all) | optimizer aten ops | CUDA kernels |")
+            print("|---|---|---:|---:|---:|---:|")
+            for name, step in steps.items():
+                c = step_op_counts(step, dev)
+                kern = c["cuda_kernels"] if dev == "cuda" else "-"
+                print(f"| {layout} | {name} | {c['aten_top']} | {c['aten_all']} | {c['optimizer_aten']} | {kern} |")
+            print()
         del ta, ours, sup
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -52,3 +52,27 @@ def tiny_batch(seed: int = 0, batch: int = 3, frames: int = 57) -> dict:
     tokens = torch.randint(1, VOCAB - 1, (batch, 4), generator=g)
     tokens[1:, 3] = -1
     return {"feats": feats, "feat_lens": feat_lens, "tokens": tokens, "token_lens": token_lens}
+
+
+def aten_ops_of_a_step(model: torch.nn.Module, forward) -> list[str]:
+    """The ATen operators, in order, of ``forward()`` (a loss) and its backward, with ``model``'s
+    gradients cleared first (accumulating into existing ones would record other operators), after
+    one unrecorded step (a first call fills caches, such as the relative positional encodings)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    forward().backward()
+    model.zero_grad(set_to_none=True)
+    recorder = Recorder()
+    with recorder:
+        forward().backward()
+    model.zero_grad(set_to_none=True)
+    return recorder.ops

@@ -22,7 +22,7 @@ from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig
 from allinone.elastic.supernet import init_supernet
 from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
 
-from supernet_helpers import tiny_space
+from supernet_helpers import aten_ops_of_a_step, tiny_space
 
 TOL = 1e-5
 VOCAB = 11
@@ -139,6 +139,22 @@ def test_no_subnet_and_largest_float_subnet_are_the_plain_model(pair, space):
         quantized, _ = supernet(b["feats"], b["feat_lens"], subnet=sp.parse("L4_F48_H4_B2"))
     assert torch.equal(loss_plain, loss_sup) and torch.isfinite(loss_plain)
     assert not torch.allclose(quantized, want, atol=1e-3)
+
+
+def test_largest_float_subnet_costs_the_plain_models_operators(pair, space):
+    """A training step of the largest float subnet runs the plain model's ATen operators one for
+    one (docs/benchmarks.md 7: the HuBERT-large supernet step timed 1.15x ours plain on a GPU)."""
+    plain, supernet = pair
+    sp = space.for_model(supernet.config)
+    b = batch()
+
+    def ops(model, subnet=None):
+        return aten_ops_of_a_step(model, lambda: model(b["feats"], b["feat_lens"], b["tokens"], b["token_lens"],
+                                                       subnet=subnet)["loss"])
+
+    want = ops(plain)
+    assert ops(supernet) == want and ops(supernet, sp.largest()) == want
+    assert ops(supernet, sp.parse("L4_F48_H4_B8")) != want  # (the recorder sees a quantized step)
 
 
 @pytest.mark.parametrize("text", SUBNETS)
