@@ -112,6 +112,9 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
         moved = run(["--corpus_root", corpus, "--subset", 12, "--config", "conf/train_conformer.yaml",
                      "--stage", stages[0], "--stop_stage", stages[1]], tmp_path)
         assert moved.returncode != 0 and f"was trained from {asr}/final, not from" in moved.stderr, stages
+    early = run(["--corpus_root", corpus, "--subset", 12, "--config", "conf/train_conformer.yaml",
+                 "--stop_stage", 1], tmp_path)
+    assert early.returncode == 0, early.stderr[-3000:]
 
 
 def test_missing_corpus_root(tmp_path):
