@@ -76,3 +76,15 @@ def aten_ops_of_a_step(model: torch.nn.Module, forward) -> list[str]:
         forward().backward()
     model.zero_grad(set_to_none=True)
     return recorder.ops
+
+
+def assert_largest_float_step_is_the_plain_step(plain, supernet, largest, quantized, batch: dict) -> None:
+    """A training step of ``supernet`` with no subnet or its ``largest`` float one runs ``plain``'s
+    ATen operators one for one; with a ``quantized`` subnet it does not (the recorder sees it)."""
+    def ops(model, subnet=None):
+        return aten_ops_of_a_step(model, lambda: model(batch["feats"], batch["feat_lens"], batch["tokens"],
+                                                       batch["token_lens"], subnet=subnet)["loss"])
+
+    want = ops(plain)
+    assert ops(supernet) == want and ops(supernet, largest) == want
+    assert ops(supernet, quantized) != want

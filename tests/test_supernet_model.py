@@ -22,7 +22,7 @@ from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig, module_kind
 from allinone.models import ASRModel, ASRModelConfig
 from allinone.quant.accounting import default_quantizable
 
-from supernet_helpers import VOCAB, aten_ops_of_a_step, tiny_batch, tiny_encoder, tiny_space, tiny_supernet
+from supernet_helpers import VOCAB, assert_largest_float_step_is_the_plain_step, tiny_batch, tiny_encoder, tiny_space, tiny_supernet
 
 espnet_conformer = pytest.importorskip("espnet2.asr.encoder.conformer_encoder")
 
@@ -118,15 +118,8 @@ def test_largest_float_subnet_costs_the_plain_models_operators(supernet, space):
     left in its path, so any time it takes beyond the plain step is not compute."""
     plain = ASRModel(ASRModelConfig(encoder=tiny_encoder(), vocab_size=VOCAB)).eval()
     plain.load_state_dict(supernet.state_dict(), strict=False)
-    b = tiny_batch()
-
-    def ops(model, subnet=None):
-        return aten_ops_of_a_step(model, lambda: model(b["feats"], b["feat_lens"], b["tokens"], b["token_lens"],
-                                                       subnet=subnet)["loss"])
-
-    want = ops(plain)
-    assert ops(supernet) == want and ops(supernet, space.largest()) == want
-    assert ops(supernet, space.parse("L4_F48_H4_B8")) != want  # (the recorder sees a quantized step)
+    assert_largest_float_step_is_the_plain_step(plain, supernet, space.largest(), space.parse("L4_F48_H4_B8"),
+                                                tiny_batch())
 
 
 @pytest.mark.parametrize("text", SUBNETS)

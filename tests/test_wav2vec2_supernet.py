@@ -22,7 +22,7 @@ from allinone.elastic.subnet import FLOAT_BITS, SubnetConfig
 from allinone.elastic.supernet import init_supernet
 from allinone.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2CTCModel
 
-from supernet_helpers import aten_ops_of_a_step, tiny_space
+from supernet_helpers import assert_largest_float_step_is_the_plain_step, tiny_space
 
 TOL = 1e-5
 VOCAB = 11
@@ -146,15 +146,7 @@ def test_largest_float_subnet_costs_the_plain_models_operators(pair, space):
     one (docs/benchmarks.md 7: the HuBERT-large supernet step timed 1.15x ours plain on a GPU)."""
     plain, supernet = pair
     sp = space.for_model(supernet.config)
-    b = batch()
-
-    def ops(model, subnet=None):
-        return aten_ops_of_a_step(model, lambda: model(b["feats"], b["feat_lens"], b["tokens"], b["token_lens"],
-                                                       subnet=subnet)["loss"])
-
-    want = ops(plain)
-    assert ops(supernet) == want and ops(supernet, sp.largest()) == want
-    assert ops(supernet, sp.parse("L4_F48_H4_B8")) != want  # (the recorder sees a quantized step)
+    assert_largest_float_step_is_the_plain_step(plain, supernet, sp.largest(), sp.parse("L4_F48_H4_B8"), batch())
 
 
 @pytest.mark.parametrize("text", SUBNETS)
