@@ -20,8 +20,8 @@ recipe=$root/egs/speechocean762/asr1 exp=$root/egs/speechocean762/asr1/exp
 mkdir -p "$OUT" && rm -f "$OUT"/results.tgz* "$OUT"/models.tgz*  # (a pack run again replaces its own archives)
 used() { find "$OUT" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'; }
 # files that will come back: the archives as the parts they will be split into, the rest as they are
-files() { find "$OUT" -type f -printf '%f %s\n' | awk -v p="$part" '
-  $1 ~ /\.tgz$/ { n += int(($2 + p - 1) / p); next } { n += 1 } END { print n + 0 }'; }
+files() { find "$OUT" -type f -printf '%s %f\n' | awk -v p="$part" '
+  $2 ~ /^(results|models)\.tgz$/ { n += int(($1 + p - 1) / p); next } { n += 1 } END { print n + 0 }'; }
 fits() { [ "$(used)" -le "$limit" ] && [ "$(files)" -le "$max_files" ]; }
 
 # The variant with the lowest dev WER (over its decode dirs: with the LM where it was decoded with

@@ -54,11 +54,15 @@ def tiny_batch(seed: int = 0, batch: int = 3, frames: int = 57) -> dict:
     return {"feats": feats, "feat_lens": feat_lens, "tokens": tokens, "token_lens": token_lens}
 
 
-def aten_ops_of_a_step(model: torch.nn.Module, forward) -> list[str]:
-    """The ATen operators, in order, of ``forward()`` (a loss) and its backward, with ``model``'s
-    gradients cleared first (accumulating into existing ones would record other operators), after
-    one unrecorded step (a first call fills caches, such as the relative positional encodings)."""
+def aten_ops_of_a_step(model: torch.nn.Module, forward) -> list[tuple]:
+    """The ATen operators, in order, with their outputs' shapes and dtypes, of ``forward(model)``
+    (a loss) and its backward, on a copy of ``model`` in training mode (dropout, batch
+    statistics; the original is left as it was), after one unrecorded step (a first call fills
+    caches, such as the relative positional encodings), with fresh gradients."""
+    import copy
+
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -66,24 +70,29 @@ def aten_ops_of_a_step(model: torch.nn.Module, forward) -> list[str]:
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            outputs = tuple((tuple(t.shape), t.dtype) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            self.ops.append((str(func.overloadpacket), outputs))
+            return out
 
-    forward().backward()
+    model = copy.deepcopy(model).train()
+    torch.manual_seed(0)
+    forward(model).backward()
     model.zero_grad(set_to_none=True)
     recorder = Recorder()
+    torch.manual_seed(0)
     with recorder:
-        forward().backward()
-    model.zero_grad(set_to_none=True)
+        forward(model).backward()
     return recorder.ops
 
 
 def assert_largest_float_step_is_the_plain_step(plain, supernet, largest, quantized, batch: dict) -> None:
     """A training step of ``supernet`` with no subnet or its ``largest`` float one runs ``plain``'s
-    ATen operators one for one; with a ``quantized`` subnet it does not (the recorder sees it)."""
+    ATen operators one for one (same outputs' shapes and dtypes); with a ``quantized`` subnet it
+    does not (the recorder sees it)."""
     def ops(model, subnet=None):
-        return aten_ops_of_a_step(model, lambda: model(batch["feats"], batch["feat_lens"], batch["tokens"],
-                                                       batch["token_lens"], subnet=subnet)["loss"])
+        return aten_ops_of_a_step(model, lambda m: m(batch["feats"], batch["feat_lens"], batch["tokens"],
+                                                     batch["token_lens"], subnet=subnet)["loss"])
 
     want = ops(plain)
     assert ops(supernet) == want and ops(supernet, largest) == want

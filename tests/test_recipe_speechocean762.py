@@ -106,12 +106,25 @@ def test_end_to_end_and_noop_rerun(data_root, tmp_path):
     other = run(["--corpus_root", corpus, "--subset", 5, "--stop_stage", 1], tmp_path)
     assert other.returncode != 0 and "was made with other options" in other.stderr
     # The supernet belongs to its float model: another --config in the same exp dir is refused
-    # by stages 4-7 (it would reuse, extract and bench this supernet), not by stages 1-3.
-    assert (sup / ".float_model").read_text().strip() == f"{asr}/final"
+    # by stages 4-7 (it would reuse, extract and bench this supernet), not by stages 1-3 ...
+    checksum = subprocess.run(f"cat {asr}/final/*.safetensors | cksum", shell=True, capture_output=True,
+                              text=True).stdout.split()[0]
+    assert (sup / ".float_model").read_text().split() == ["asr_train_tiny", checksum]
     for stages in ((4, 4), (7, 7), (2, 7)):
         moved = run(["--corpus_root", corpus, "--subset", 12, "--config", "conf/train_conformer.yaml",
                      "--stage", stages[0], "--stop_stage", stages[1]], tmp_path)
-        assert moved.returncode != 0 and f"was trained from {asr}/final, not from" in moved.stderr, stages
+        assert moved.returncode != 0 and "was trained from asr_train_tiny, not from asr_train_conformer" \
+            in moved.stderr, stages
+    # ... the same exp dir spelled otherwise is the same; a float model retrained since is refused
+    same = run(["--corpus_root", corpus, "--subset", 12, "--stage", 4, "--stop_stage", 4,
+                "--expdir", f"{tmp_path}/./exp/"], tmp_path)
+    assert same.returncode == 0 and "already done" in same.stdout, same.stderr[-2000:]
+    weights = next((asr / "final").glob("*.safetensors"))
+    kept = weights.read_bytes()
+    weights.write_bytes(kept + b" ")
+    changed = run(["--corpus_root", corpus, "--subset", 12, "--stage", 5, "--stop_stage", 5], tmp_path)
+    assert changed.returncode != 0 and "changed since" in changed.stderr
+    weights.write_bytes(kept)
     early = run(["--corpus_root", corpus, "--subset", 12, "--config", "conf/train_conformer.yaml",
                  "--stop_stage", 1], tmp_path)
     assert early.returncode == 0, early.stderr[-3000:]

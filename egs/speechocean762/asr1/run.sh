@@ -52,11 +52,17 @@ asr_exp=$expdir/asr_$(basename "$config" .yaml)
 sup_exp=$expdir/supernet_$(basename "$supernet_config" .yaml)
 common="data.train=$datadir/train data.valid=$datadir/dev data.feat_cache_dir=$dumpdir/feats data.num_workers=$nj"
 cli() { "$python" -m allinone.cli "$@"; }
-# A supernet belongs to the float model it started from (stage 4 writes its name here): stages 4-7
-# of another --config in the same --expdir would reuse, extract and bench the wrong one.
+# A supernet belongs to the float model it started from: stage 4 writes that model's run name and
+# weights checksum here, and stages 4-7 stop rather than reuse, extract or bench a supernet of
+# another --config in the same --expdir, or of a float model retrained since.
 sup_origin=$sup_exp/.float_model
-if [ "$stop_stage" -ge 4 ] && [ "$stage" -le 7 ] && [ -f "$sup_origin" ] && [ "$(cat "$sup_origin")" != "$asr_exp/final" ]; then
-  die "$sup_exp was trained from $(cat "$sup_origin"), not from $asr_exp/final (--config $config): use another --expdir"
+float_origin() { echo "$(basename "$asr_exp") $(cat "$asr_exp"/final/*.safetensors 2>/dev/null | cksum | cut -d' ' -f1)"; }
+if [ "$stop_stage" -ge 4 ] && [ "$stage" -le 7 ] && [ -f "$sup_origin" ]; then
+  read -r origin_run origin_sum < "$sup_origin"
+  [ "$origin_run" = "$(basename "$asr_exp")" ] || \
+    die "$sup_exp was trained from $origin_run, not from $(basename "$asr_exp") (--config $config): use another --expdir"
+  [ ! -f "$asr_exp/final/config.json" ] || [ "$(float_origin)" = "$origin_run $origin_sum" ] || \
+    die "$asr_exp/final changed since $sup_exp was trained from it: delete $sup_exp to train it again, or use another --expdir"
 fi
 
 if run_stage 1 "data preparation ($corpus_layout layout: $corpus_root -> $datadir)"; then
@@ -96,7 +102,7 @@ if run_stage 4 "all-in-one supernet training ($supernet_config over $config -> $
     check_data
     require_file "$asr_exp/final/config.json" "float baseline model" "run stage 3 first"
     require_disk "$expdir" "$min_free_gb"
-    mkdir -p "$sup_exp" && echo "$asr_exp/final" > "$sup_origin"
+    mkdir -p "$sup_exp" && float_origin > "$sup_origin"
     # The supernet starts from the float model, so it must use the float model's tokenizer.
     [ -d "$sup_exp/tokenizer" ] || cp -r "$asr_exp/final/tokenizer" "$sup_exp/tokenizer"
     "$python" ../../utils/merge_config.py "$config" "$supernet_config" > "$sup_exp/config.in.yaml"
