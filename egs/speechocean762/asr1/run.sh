@@ -56,7 +56,8 @@ cli() { "$python" -m allinone.cli "$@"; }
 # weights checksum here, and stages 4-7 stop rather than reuse, extract or bench a supernet of
 # another --config in the same --expdir, or of a float model retrained since.
 sup_origin=$sup_exp/.float_model
-float_origin() { echo "$(basename "$asr_exp") $(cat "$asr_exp"/final/*.safetensors 2>/dev/null | cksum | cut -d' ' -f1)"; }
+float_checksum() { cat "$asr_exp"/final/*.safetensors 2>/dev/null | cksum | cut -d' ' -f1; }  # (also stage 7's stamp)
+float_origin() { echo "$(basename "$asr_exp") $(float_checksum)"; }
 if [ "$stop_stage" -ge 4 ] && [ "$stage" -le 7 ] && [ -f "$sup_origin" ]; then
   read -r origin_run origin_sum < "$sup_origin"
   [ "$origin_run" = "$(basename "$asr_exp")" ] || \
@@ -160,7 +161,7 @@ if run_stage 7 "benchmark and report (allinone bench)"; then
     # Significance against the float model the supernet started from (method.md's 32-bit model),
     # not the supernet's own largest subnet, which its training changed too. (The stamp names the
     # float model by its weights' checksum: another model copied into $asr_exp is benched again.)
-    float_sig="float=$asr_exp/final:$(cat "$asr_exp"/final/*.safetensors 2>/dev/null | cksum | cut -d' ' -f1)"
+    float_sig="float=$asr_exp/final:$(float_checksum)"
     if ! is_done "$sup_exp/bench/.done" "grid=$grid $decode_dir $float_sig"; then
       require_file "$sup_exp/final/config.json" "supernet model" "run stage 4 first"
       check_data
