@@ -18,6 +18,10 @@
 # get mean +- sd over seeds in exp/runs_table.md, bench/runs_table.py);
 # LM_WEIGHT (with LM_ORDER, LM_BONUS; bench/so762_env.sh) decodes with LM shallow fusion: the
 # baseline phase decodes every run again with it, supernet and twins decode only with it;
+# SUPERNET_CONFIG (default conf/train_supernet.yaml; conf/train_supernet_targets.yaml trains the
+# grid's corners every step) chooses the supernet, into exp/supernet_<its name>, whose twins are
+# compared in exp/twins/compare (the default's) or exp/twins/compare_<its name>; SUPERNET_OPTS adds
+# overrides to its training (e.g. train.max_steps=700);
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); TRAIN_BASELINE=0 trains the variants
 # but not the float model (brought from another run). On a machine of several GPUs the variants
@@ -27,7 +31,10 @@ set -euo pipefail
 source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 baseline|supernet|twins}
 asr_exp=exp/asr_train_conformer
-sup_exp=exp/supernet_train_supernet
+supernet_config=${SUPERNET_CONFIG:-conf/train_supernet.yaml}
+sup_name=$(basename "$supernet_config" .yaml)
+sup_exp=exp/supernet_$sup_name
+twins_compare=exp/twins/compare; [ "$sup_name" = train_supernet ] || twins_compare=exp/twins/compare_$sup_name
 corners="L12_F640_H4_B2 L6_F320_H4_B32 L6_F320_H4_B2"  # the fourth corner, L12_F640_H4_B32, is the float model
 
 case $phase in
@@ -91,8 +98,11 @@ case $phase in
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the
     # baseline's peak lr; one random subnet per step besides the largest and smallest.
-    ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --train_opts \
-      "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 supernet.num_random=1"
+    # (the default's one random subnet per step besides the largest and smallest; the targets
+    # config sets its own)
+    one_random=supernet.num_random=1; [ "$sup_name" = train_supernet ] || one_random=""
+    ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --supernet_config "$supernet_config" --train_opts \
+      "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 $one_random ${SUPERNET_OPTS:-}"
     cli bench "$sup_exp/final" --grid conf/grid24.yaml --data data/dev data/test --out "$sup_exp/bench" \
       --device cuda --no-latency --num-workers "$(nproc)" --float-model "$asr_exp/final" $(lm_decode_opts)
     ;;
@@ -101,7 +111,12 @@ case $phase in
     # float model) and number of optimizer updates as the supernet, one system per run.
     steps=$("$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])")
     train_twin() {  # SUBNET GPU_INDEX
-      [ -f "exp/twins/$1/allocation.json" ] || on_gpu $2 cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$1" \
+      if [ -f "exp/twins/$1/allocation.json" ]; then  # trained before: for as many updates?
+        local had; had=$("$python" -c "import json; print(json.load(open('exp/twins/$1/history.json'))[-1]['step'])")
+        [ "$had" = "$steps" ] || { echo "$0: exp/twins/$1 had $had updates, $sup_exp $steps: move exp/twins away" >&2; return 1; }
+        return 0
+      fi
+      on_gpu $2 cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$1" \
         data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16 \
         supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$1" \
         supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
@@ -116,7 +131,7 @@ case $phase in
     done
     for p in "${pids[@]}"; do wait $p || failed=1; done
     [ $failed = 0 ] || { echo "$0: a twin failed (see exp/twins/*.stdout.log)" >&2; exit 1; }
-    cli compare "$asr_exp/final" $runs --data data/dev data/test --out exp/twins/compare --device cuda \
+    cli compare "$asr_exp/final" $runs --data data/dev data/test --out "$twins_compare" --device cuda \
       --num-workers "$(nproc)" --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;
   *) echo "$0: unknown phase $phase (baseline, supernet or twins)" >&2; exit 1 ;;

@@ -201,7 +201,8 @@ def test_every_training_config_loads_and_sp_do_changes_only_what_it_says():
     from allinone.train.config import load_config
 
     conf = RUN.parent / "conf"
-    over = {"train_supernet.yaml": "train_conformer.yaml", "train_supernet_tiny.yaml": "train_tiny.yaml",
+    over = {"train_supernet.yaml": "train_conformer.yaml", "train_supernet_targets.yaml": "train_conformer.yaml",
+            "train_supernet_tiny.yaml": "train_tiny.yaml",
             "train_wav2vec2_supernet.yaml": "train_wav2vec2_base.yaml"}  # as run.sh and bench/ merge them
     for path in sorted(conf.glob("train_*.yaml")):
         load_config([conf / over[path.name], path] if path.name in over else path)
@@ -223,3 +224,11 @@ def test_every_training_config_loads_and_sp_do_changes_only_what_it_says():
     }
     # its supernet (merged over it by stage 4) runs its own epochs, not the float run's 5800 updates
     assert load_config([conf / "train_conformer_sp_do.yaml", conf / "train_supernet.yaml"]).train.max_steps == 0
+    # the targets supernet (docs/benchmarks.md 10e) is the sandwich one with the grid's corners
+    # as targets and one random system per step, and nothing else
+    sandwich = flat(asdict(load_config([conf / "train_conformer.yaml", conf / "train_supernet.yaml"])))
+    targets = flat(asdict(load_config([conf / "train_conformer.yaml", conf / "train_supernet_targets.yaml"])))
+    corners = ["L12_F640_H4_B32", "L12_F640_H4_B2", "L6_F320_H4_B32", "L6_F320_H4_B2"]
+    assert {k: (sandwich.get(k), targets.get(k)) for k in sandwich | targets if sandwich.get(k) != targets.get(k)} == {
+        "supernet.strategy": ("sandwich", "targets"), "supernet.targets": (None, corners),
+        "supernet.num_random": (2, 1)}

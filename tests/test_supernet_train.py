@@ -22,7 +22,9 @@ TARGETS = ["L4_F48_H4_B32", "L4_F24_H4_B4", "L2_F48_H2_B2"]
 def make_strategy(model, strategy: str, **kw) -> SupernetStrategy:
     space = tiny_space().for_model(model.config)
     model.search_space = space
-    cfg = {"space": space.to_dict(), "strategy": strategy, "num_random": 2, "targets": TARGETS, **kw}
+    cfg = {"space": space.to_dict(), "strategy": strategy, "targets": TARGETS, **kw}
+    if strategy != "targets":  # (targets: its own default, no random subnets)
+        cfg.setdefault("num_random", 2)
     return build_strategy(cfg, model, seed=0)
 
 
@@ -96,6 +98,26 @@ def test_plan_of_each_strategy():
     assert plan != sandwich.subnets(6)
     targets = make_strategy(model, "targets", targets=["L2_F48_H2_B2", "L4_F24_H4_B4", "L4_F48_H4_B8"])
     assert [space.format(s) for s, t in targets.subnets(0) if t] == ["L4_F48_H4_B8"]
+    assert len(targets.subnets(0)) == 3  # targets alone by default
+
+
+def test_targets_with_random_subnets_from_a_grid():
+    """targets + num_random: every target every step (the teacher first), then that many random
+    subnets of the grid as students; the random ones change with the step, the targets do not."""
+    model = tiny_supernet()
+    grid = ["L4_F24_H4_B4", "L2_F48_H2_B2", "L4_F48_H4_B8", "L2_F24_H2_B32"]
+    strat = make_strategy(model, "targets", num_random=2, sample_from=grid)
+    space = strat.space
+    plans = [strat.subnets(step) for step in range(40)]
+    for plan in plans:
+        assert [space.format(s) for s, _ in plan[:3]] == TARGETS
+        assert [t for _, t in plan] == [True, False, False, False, False]
+    drawn = {space.format(s) for plan in plans for s, _ in plan[3:]}
+    assert drawn == set(grid)
+    batch = tiny_batch()
+    logs = strat.step(model, model, batch, use_bf16=False, loss_scale=1.0, sync_grads=True)
+    assert list(logs)[:3] == [f"loss/{t}" for t in TARGETS]
+    assert set(logs) == {f"loss/{space.format(s)}" for s, _ in plans[0]}
 
 
 def test_random_subnets_from_a_grid(tmp_path):

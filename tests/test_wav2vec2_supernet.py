@@ -356,8 +356,10 @@ def test_targets_and_random_strategies_run(strategy):
     sp = tiny_space().for_model(model.config)
     model.search_space = sp
     targets = ["L2_F24_H2_B8", "L4_F48_H4_B32"]
-    strat = build_strategy({"space": sp.to_dict(), "strategy": strategy, "num_random": 2, "targets": targets},
-                           model, seed=0)
+    opts = {"space": sp.to_dict(), "strategy": strategy, "targets": targets}
+    if strategy == "random":
+        opts["num_random"] = 2
+    strat = build_strategy(opts, model, seed=0)
     logs = strat.step(model, model, batch(), use_bf16=False, loss_scale=1.0, sync_grads=True)
     assert len(logs) == 2 and all(k.startswith("loss/L") and torch.isfinite(v) for k, v in logs.items())
     if strategy == "targets":

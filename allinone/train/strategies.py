@@ -10,7 +10,9 @@ Supernet strategies (docs/supernet.md), chosen by the ``supernet`` config sectio
 - ``sandwich``: the largest subnet on the labels (the teacher), then the smallest and
   ``num_random`` random subnets on ``label_weight * labels + kl_weight * KL(teacher || subnet)``;
 - ``targets``: a fixed list of subnets every step, the highest precision first as teacher
-  (labels only), the others as above;
+  (labels only), the others as above, then ``num_random`` random subnets (default 0) as the
+  others: the published recipe trains its target systems every step, and the random ones
+  keep the systems between them trained;
 - ``random``: ``num_random`` random subnets on the labels.
 
 Random subnets come from the whole space, or with ``sample_from`` (a grid: a YAML file or a
@@ -63,6 +65,8 @@ STRATEGIES = ("sandwich", "targets", "random", "mixed_precision", "fixed")
 # label_weight when the config leaves it out: non-teacher subnets of a supernet share the
 # loss with the KL term; the mixed-precision strategies train one system on full labels.
 DEFAULT_LABEL_WEIGHT = {"sandwich": 0.5, "targets": 0.5, "random": 0.5, "mixed_precision": 1.0, "fixed": 1.0}
+# num_random when the config leaves it out: targets alone train only their targets.
+DEFAULT_NUM_RANDOM = {"sandwich": 2, "targets": 0, "random": 2}
 
 
 def grad_sync_context(ddp_model, sync: bool):
@@ -112,7 +116,7 @@ class SupernetOptions:
     """The ``supernet`` section of an experiment config.
 
     space: search-space YAML path or inline dict; strategy: sandwich | targets | random;
-    num_random: random subnets per step (sandwich, random); sample_from: a grid (YAML file or
+    num_random: random subnets per step (default 2 for sandwich and random, 0 for targets); sample_from: a grid (YAML file or
     list of subnet strings) the random subnets are drawn from instead of the whole space;
     targets: subnet strings
     (targets); label_weight / kl_weight: loss of non-teacher subnets; quant: the model's
@@ -140,7 +144,7 @@ class SupernetOptions:
 
     space: Any = None
     strategy: str = "sandwich"
-    num_random: int = 2
+    num_random: int | None = None
     sample_from: Any = None
     targets: list[str] = field(default_factory=list)
     label_weight: float | None = None
@@ -179,6 +183,8 @@ class SupernetOptions:
         opts = cls(**d)
         if opts.strategy in DEFAULT_LABEL_WEIGHT and opts.label_weight is None:
             opts.label_weight = DEFAULT_LABEL_WEIGHT[opts.strategy]
+        if opts.num_random is None:
+            opts.num_random = DEFAULT_NUM_RANDOM.get(opts.strategy, 0)
         if opts.space is None:
             raise ValueError("supernet.space is required (a conf/space/*.yaml path or an inline mapping)")
         if opts.strategy not in STRATEGIES:
@@ -245,7 +251,7 @@ class SupernetStrategy:
         if self.opts.strategy == "sandwich":
             return [(self.space.largest(), True), (self.space.smallest(), False)] + [(s, False) for s in randoms]
         if self.opts.strategy == "targets":
-            return [(s, i == 0) for i, s in enumerate(self.targets)]
+            return [(s, i == 0) for i, s in enumerate(self.targets)] + [(s, False) for s in randoms]
         return [(s, False) for s in randoms]
 
     def validation_subnet(self, model) -> SubnetConfig | None:
