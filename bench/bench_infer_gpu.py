@@ -6,6 +6,11 @@ Its int8 twin has every Linear of the encoder quantized to 8 bits per output cha
 routed to ``torch._int_mm`` (int8 weights, per-row int8 activations) exactly as the
 ``cuda-int8`` backend of ``allinone bench`` does (``allinone.eval.latency.int8_model``).
 
+"int8 w-only" and "int4 w-only" route the same Linears to torch's weight-only kernels
+(``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm``, tinygemm, as ``allinone bench``'s
+``cuda-int4`` backend) with bf16 activations and everything else as the bf16 variant
+(bench/bench_woq_gpu.py times the kernels alone).
+
 Timed: encoder + CTC log-probabilities (what every decoder runs first), for a batch of one
 5 s utterance (on-device streaming-free recognition) and a batch of 32 x 10 s (server
 throughput). "compiled" rows use ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
@@ -22,18 +27,50 @@ import copy
 import torch
 from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
 
-from allinone.eval.latency import int8_model
+from allinone.eval.latency import _route, int4_model, int8_model
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.quant.quantizer import QuantizedTensor
 
 
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """``x @ (codes * scale).T + bias`` on ``aten._weight_int8pack_mm`` (bf16 activations)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias):
+        super().__init__()
+        self.codes, self.scale, self.bias = codes.to(torch.int8).contiguous(), scale.reshape(-1).bfloat16(), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).bfloat16()
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.codes.to(x.device), self.scale.to(x.device))
+        y = y.reshape(*x.shape[:-1], -1)
+        return y + self.bias.bfloat16() if self.bias is not None else y
+
+
+def encoder_linears(model: ASRModel, bits: int) -> dict:
+    """Per-channel ``bits``-bit codes of every encoder Linear's float weight (name -> QuantizedTensor)."""
+    return {f"{name}.weight": QuantizedTensor.from_weight(mod.weight, bits, per_channel=True)
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.startswith("encoder.encoders.")}
+
+
+def weight_only_twin(model: ASRModel, bits: int) -> ASRModel:
+    """A copy whose encoder Linears run on torch's weight-only 8-bit kernel or on the 4-bit one
+    of ``allinone bench``'s ``cuda-int4`` backend (``int4_model``)."""
+    twin = copy.deepcopy(model)
+    quantized = encoder_linears(twin, bits)
+    if bits == 4:
+        routed = int4_model(twin, quantized)
+    else:
+        routed = _route(twin, quantized, (8,), Int8WeightOnlyLinear)
+    assert len(routed) == len(quantized), f"every encoder Linear must be routed to int{bits}"
+    return twin
+
+
 def int8_twin(model: ASRModel) -> ASRModel:
     """A copy whose encoder Linears run on int8 kernels (8-bit per-channel codes of the float weights)."""
     twin = copy.deepcopy(model)
-    quantized = {f"{name}.weight": QuantizedTensor.from_weight(mod.weight, 8, per_channel=True)
-                 for name, mod in twin.named_modules()
-                 if isinstance(mod, torch.nn.Linear) and name.startswith("encoder.encoders.")}
+    quantized = encoder_linears(twin, 8)
     routed = int8_model(twin, quantized)
     assert len(routed) == len(quantized), "every encoder Linear must be routed to int8"
     return twin
@@ -50,6 +87,11 @@ def main() -> None:
     enc = ConformerConfig(output_size=256, attention_heads=4, linear_units=2048, num_blocks=12, cnn_module_kernel=31)
     model = ASRModel(ASRModelConfig(encoder=enc, vocab_size=2003)).eval().cuda()
     variants = {"fp32": (model, False), "bf16": (model, True), "int8": (int8_twin(model), False)}
+    for bits in (8, 4):  # where this GPU and torch offer the kernel
+        try:
+            variants[f"int{bits} w-only"] = (weight_only_twin(model, bits), True)
+        except RuntimeError as e:
+            print(f"<!-- int{bits} weight-only: not offered here: {str(e).splitlines()[0]} -->")
 
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; encoder 12 x 256, FFN 2048\n")
     print("| batch | variant | ms (eager) | ms (CUDA graphs) | vs bf16 eager |")
@@ -65,7 +107,11 @@ def main() -> None:
                     return m.ctc_log_probs(enc_out)
 
             with torch.no_grad():
-                eager = timed(lambda: forward(feats, lens), 10, args.repeats, "cuda")
+                try:
+                    eager = timed(lambda: forward(feats, lens), 10, args.repeats, "cuda")
+                except RuntimeError as e:  # a kernel this GPU lacks: say so, time the rest
+                    print(f"<!-- {name} batch {batch}: {str(e).splitlines()[0][:300]} -->")
+                    continue
                 graphed = float("nan")
                 if not args.no_compile:
                     try:

@@ -21,7 +21,8 @@
 # SUPERNET_CONFIG (default conf/train_supernet.yaml; conf/train_supernet_targets.yaml trains the
 # grid's corners every step) chooses the supernet, into exp/supernet_<its name>, whose twins are
 # compared in exp/twins/compare (the default's) or exp/twins/compare_<its name>; SUPERNET_OPTS adds
-# overrides to its training (e.g. train.max_steps=700);
+# overrides to its training (e.g. train.max_steps=700); TWIN_STEPS trains the twins for that many
+# updates instead of the supernet's (to train them beside it);
 # SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
 # each twin's training (e.g. train.time_limit_minutes=2); TRAIN_BASELINE=0 trains the variants
 # but not the float model (brought from another run). On a machine of several GPUs the variants
@@ -109,14 +110,21 @@ case $phase in
   twins)
     # Each twin: the same float starting point, importance ordering, loss (labels + KL to the
     # float model) and number of optimizer updates as the supernet, one system per run.
-    steps=$("$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])")
+    # (TWIN_STEPS: that many updates without waiting for the supernet, e.g. side by side with it
+    # on another GPU; the twins are then checked against the supernet's own count when compared)
+    sup_steps() { "$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])"; }
+    steps=${TWIN_STEPS:-$(sup_steps)}
+    # the supernet's own config (run.sh stage 4 merges the same two files), so the twins need
+    # nothing of its run until the comparison
+    mkdir -p exp/twins
+    "$python" ../../utils/merge_config.py conf/train_conformer.yaml "$supernet_config" > exp/twins/config.in.yaml
     train_twin() {  # SUBNET GPU_INDEX
       if [ -f "exp/twins/$1/allocation.json" ]; then  # trained before: for as many updates?
         local had; had=$("$python" -c "import json; print(json.load(open('exp/twins/$1/history.json'))[-1]['step'])")
         [ "$had" = "$steps" ] || { echo "$0: exp/twins/$1 had $had updates, $sup_exp $steps: move exp/twins away" >&2; return 1; }
         return 0
       fi
-      on_gpu $2 cli train "$sup_exp/config.in.yaml" exp_dir="exp/twins/$1" \
+      on_gpu $2 cli train exp/twins/config.in.yaml exp_dir="exp/twins/$1" \
         data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16 \
         supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$1" \
         supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
@@ -124,13 +132,13 @@ case $phase in
     # one twin after another on one GPU (so that a time cap in TWIN_OPTS means the same as
     # alone); side by side, round robin over the GPUs, where there are several
     runs="" i=0 pids=() failed=0
-    mkdir -p exp/twins
     for s in $corners; do
       if [ ${#gpus[@]} -gt 1 ]; then train_twin $s $i > exp/twins/$s.stdout.log 2>&1 & pids+=($!); else train_twin $s $i; fi
       runs="$runs twin/$s=exp/twins/$s" i=$((i + 1))
     done
     for p in "${pids[@]}"; do wait $p || failed=1; done
     [ $failed = 0 ] || { echo "$0: a twin failed (see exp/twins/*.stdout.log)" >&2; exit 1; }
+    [ "$(sup_steps)" = "$steps" ] || { echo "$0: the twins had $steps updates, $sup_exp $(sup_steps)" >&2; exit 1; }
     cli compare "$asr_exp/final" $runs --data data/dev data/test --out "$twins_compare" --device cuda \
       --num-workers "$(nproc)" --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;

@@ -325,6 +325,39 @@ def test_pareto_front():
     assert pareto_front(pts) == ["d", "b", "e"]
 
 
+def test_int4_model_runs_the_weight_only_kernel(setup):
+    """int4_model (the cuda-int4 backend's routing) sends every 4-bit Linear and pointwise conv
+    of a shape the kernel takes to Int4WeightOnlyLinear, leaves the rest float, and computes
+    what the dequantized model computes (on the CPU kernel here; the GPU test below on tinygemm)."""
+    import copy
+
+    from allinone.elastic.extract import extract
+    from allinone.eval.latency import int4_model
+    from allinone.quant.int4 import Int4WeightOnlyLinear, int4_supported_shape
+
+    loaded = load_model_dir(setup["model"])
+    small, quantized = extract(loaded.model, loaded.model.search_space.parse("L4_F48_H4_B2"))
+    m = copy.deepcopy(small)
+    routed = int4_model(m, quantized)
+    # a 2-bit system's codes are 4-bit codes too: every Linear and pointwise conv the kernel takes
+    layers = {n.rsplit(".", 1)[0]: q.codes for n, q in quantized.items()}
+    takes = [n for n, codes in layers.items()
+             if (isinstance(m.get_submodule(n), torch.nn.Linear) or codes.shape[-1:] == (1,) and codes.dim() == 3)
+             and int4_supported_shape(codes.shape[0], codes[..., 0].shape[1] if codes.dim() == 3 else codes.shape[1])]
+    assert routed and sorted(routed) == sorted(takes) and len(takes) < len(layers)
+    calls = []
+    hooks = [mod.register_forward_hook(lambda *a: calls.append(1)) for mod in m.modules()
+             if isinstance(mod, Int4WeightOnlyLinear)]
+    b = tiny_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = small.encode(b["feats"], b["feat_lens"])[0].float()
+        got = m.encode(b["feats"], b["feat_lens"])[0].float()
+    for h in hooks:
+        h.remove()
+    assert len(calls) == len(routed)  # every routed layer ran on the int4 kernel, once
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
 def test_backend_list_and_unknown_backend(setup):
     from allinone.eval.latency import BACKENDS, backends_for, measure_latency
 
@@ -333,6 +366,8 @@ def test_backend_list_and_unknown_backend(setup):
                                                                    ["cuda-fp32", "cuda-bf16", "cuda-int8"])
     assert backends_for({"w": 8, "v": 4})[:1] == ["cpu-fp32"] and "cpu-int8" not in backends_for({"v": 4})
     assert set(backends_for({"w": 8})) <= set(BACKENDS)
+    assert backends_for({"w": 4, "v": 2}) == ["cpu-fp32"] + ([] if cpu_only else ["cuda-fp32", "cuda-bf16", "cuda-int4"])
+    assert "cuda-int4" not in backends_for({"w": 4, "v": 8})
     loaded = load_model_dir(setup["model"])
     with pytest.raises(ValueError, match="unknown latency backend 'tpu-int4'"):
         measure_latency(loaded.model, {}, [tiny_batch()["feats"][0]], "tpu-int4")
@@ -357,6 +392,15 @@ def test_cuda_backends_agree_with_cpu(setup):
     for backend in ("cuda-fp32", "cuda-bf16", "cuda-int8"):
         r = measure_latency(small, quantized, [b["feats"][0]], backend, repeats=1)
         assert r.ms_per_utt > 0 and r.threads is None and r.peak_mem_mb > 0
+    # cuda-int4: tinygemm on a 2-bit system (its codes are 4-bit codes), close to the dequantized model
+    small4, quantized4 = extract(loaded.model, loaded.model.search_space.parse("L4_F48_H4_B2"))
+    m4 = _backend_model(small4, "cuda-int4", quantized4)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = small4.cuda().encode(b["feats"].cuda(), b["feat_lens"].cuda())[0].float().cpu()
+        got = m4.encode(b["feats"].cuda(), b["feat_lens"].cuda())[0].float().cpu()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    r = measure_latency(small4.cpu(), quantized4, [b["feats"][0]], "cuda-int4", repeats=1)
+    assert r.ms_per_utt > 0
 
 
 def test_float_model_is_what_significance_is_judged_against(setup, tmp_path, capsys, monkeypatch):

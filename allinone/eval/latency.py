@@ -10,6 +10,7 @@ A backend is a way of running an extracted (standalone) model:
 | ``cuda-fp32`` | the extracted model on the GPU, float32 |
 | ``cuda-bf16`` | the same under bf16 autocast (the float twin an int8 model must not be slower than) |
 | ``cuda-int8`` | the extracted model on the GPU with every 8-bit ``nn.Linear`` on ``torch._int_mm`` (int8 weights and per-row int8 activations); only for all-8-bit subnets |
+| ``cuda-int4`` | ``cuda-bf16`` with every 2-, 3- or 4-bit ``nn.Linear`` (and pointwise ``nn.Conv1d``) on torch's weight-only int4 kernel (``Int4WeightOnlyLinear``: tinygemm, the weights dequantized inside the GEMM, bf16 activations; lower-bit codes are 4-bit codes too); only for subnets whose quantized weights all have <= 4 bits; layers of shapes the kernel does not take stay on bf16 kernels |
 
 Each utterance is recognised alone (batch of one, as a deployed recogniser would see it):
 encoder, CTC log-probabilities, then greedy or beam search, exactly ``recognize_batch``.
@@ -36,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-BACKENDS = ("cpu-fp32", "cpu-int8", "cpu-int8-fe", "cuda-fp32", "cuda-bf16", "cuda-int8")
+BACKENDS = ("cpu-fp32", "cpu-int8", "cpu-int8-fe", "cuda-fp32", "cuda-bf16", "cuda-int8", "cuda-int4")
 
 __all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model",
-           "front_end_ranges", "front_end_to_int8"]
+           "int4_applicable", "int4_model", "front_end_ranges", "front_end_to_int8"]
 
 
 @dataclass
@@ -62,6 +63,11 @@ def int8_applicable(bits: dict[str, int]) -> bool:
     return bool(bits) and all(b == 8 for b in bits.values())
 
 
+def int4_applicable(bits: dict[str, int]) -> bool:
+    """True when every quantized tensor has at most 4 bits (and there is at least one)."""
+    return bool(bits) and all(b <= 4 for b in bits.values())
+
+
 def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = False) -> list[str]:
     """Backends to time for an extracted model whose quantized tensors have ``bits``.
 
@@ -75,6 +81,8 @@ def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = Fa
         out += ["cuda-fp32", "cuda-bf16"]
         if int8_applicable(bits):
             out.append("cuda-int8")
+        if int4_applicable(bits):
+            out.append("cuda-int4")
     return out
 
 
@@ -116,21 +124,22 @@ class _CpuPeak:
 # --------------------------------------------------------------------------- timing
 
 
-class _Int8RoutedWeight(torch.Tensor):
-    """The float weight of a Linear whose ``F.linear`` calls go to an ``Int8Linear``.
+class _RoutedWeight(torch.Tensor):
+    """The float weight of a Linear whose ``F.linear`` calls go to a low-bit kernel module
+    (``Int8Linear``, ``Int4WeightOnlyLinear``).
 
     The Conformer computes ``F.linear(x, *subnet_weight(layer, ...))`` rather than
     ``layer(x)`` (so that a supernet can slice and fake-quantize weights), so swapping the
     module as ``convert_linears_to_int8`` does is never called there.  This tensor
     subclass catches ``F.linear`` on the unsliced weight with the layer's own bias and runs
-    the integer kernel instead; anything else (slices, other ops) sees the plain
+    the low-bit kernel instead; anything else (slices, other ops) sees the plain
     dequantized float weight.
     """
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, int8, bias):
+    def __new__(cls, data: torch.Tensor, kernel, bias):
         t = torch.Tensor._make_subclass(cls, data.detach(), False)
-        t._int8, t._bias = int8, bias
+        t._kernel, t._bias = kernel, bias
         return t
 
     @classmethod
@@ -142,12 +151,12 @@ class _Int8RoutedWeight(torch.Tensor):
         if own_call:
             x, w = args[0], args[1]
             if func is torch.nn.functional.linear:
-                return w._int8(x)
+                return w._kernel(x)
             # a pointwise convolution of a batch [B, C, T] is a Linear over channels: routed
             # when called as the Conformer calls it, F.conv1d(x, weight, bias) (anything
             # else, e.g. an explicit stride or padding, stays on the float kernel)
             if x.dim() == 3 and len(args) <= 3 and not kwargs.keys() - {"bias"}:
-                return w._int8(x.transpose(1, 2)).transpose(1, 2)
+                return w._kernel(x.transpose(1, 2)).transpose(1, 2)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -157,27 +166,50 @@ def _is_pointwise_conv1d(layer) -> bool:
             and layer.stride == (1,) and layer.padding == (0,) and layer.dilation == (1,))
 
 
-def int8_model(model, quantized: dict) -> list[str]:
-    """Route, in place, every 8-bit Linear and pointwise Conv1d of an extracted model to integer kernels.
+def _route(model, quantized: dict, bits: tuple[int, ...], make_kernel) -> list[str]:
+    """Route, in place, every Linear and pointwise Conv1d of an extracted model quantized to one
+    of ``bits`` to the module ``make_kernel(codes [out, in], scale, bias)`` builds (None: leave
+    the layer float).
 
-    The ``Int8Linear`` is built from the exact codes and scales (``quantized``), the
-    layer's bias folded in; see ``_Int8RoutedWeight`` for why the module itself stays.
-    Returns the names of the routed layers.
+    The kernel is built from the exact codes and scales (``quantized``), the layer's bias
+    folded in; see ``_RoutedWeight`` for why the layer module itself stays.  Returns the
+    names of the routed layers.
     """
-    from allinone.quant.int8 import Int8Linear
-
     routed = []
     for name, q in quantized.items():
         layer = model.get_submodule(name.rsplit(".", 1)[0])
-        if q.bits != 8 or not (isinstance(layer, torch.nn.Linear) or _is_pointwise_conv1d(layer)):
+        if q.bits not in bits or not (isinstance(layer, torch.nn.Linear) or _is_pointwise_conv1d(layer)):
             continue  # depthwise Conv1d layers stay on float kernels
         codes = q.codes.reshape(q.codes.shape[0], -1)  # a pointwise conv's [out, in, 1] -> [out, in]
-        int8 = Int8Linear(codes, q.scale, layer.bias).to(layer.weight.device)
+        kernel = make_kernel(codes, q.scale, layer.bias)
+        if kernel is None:
+            continue
+        kernel = kernel.to(layer.weight.device)
         weight = layer._parameters.pop("weight")
-        layer.int8 = int8  # a child module: moves and is saved with the model
-        layer.weight = _Int8RoutedWeight(weight.data, int8, layer.bias)
+        layer.lowbit = kernel  # a child module: moves and is saved with the model
+        layer.weight = _RoutedWeight(weight.data, kernel, layer.bias)
         routed.append(name.rsplit(".", 1)[0])
     return routed
+
+
+def int8_model(model, quantized: dict) -> list[str]:
+    """Every 8-bit Linear and pointwise Conv1d of ``model`` on integer kernels (``Int8Linear``);
+    returns the routed layers' names."""
+    from allinone.quant.int8 import Int8Linear
+
+    return _route(model, quantized, (8,), Int8Linear)
+
+
+def int4_model(model, quantized: dict) -> list[str]:
+    """Every 2-, 3- or 4-bit Linear and pointwise Conv1d of ``model`` whose shape the kernels take
+    on torch's weight-only int4 kernel (``Int4WeightOnlyLinear``: codes of fewer bits are 4-bit
+    codes too); returns the routed layers' names."""
+    from allinone.quant.int4 import Int4WeightOnlyLinear, int4_supported_shape
+
+    def make(codes, scale, bias):
+        return Int4WeightOnlyLinear(codes, scale, bias) if int4_supported_shape(*codes.shape) else None
+
+    return _route(model, quantized, (2, 3, 4), make)
 
 
 @torch.no_grad()
@@ -266,6 +298,10 @@ def _backend_model(model, backend: str, quantized: dict, front_end_ranges: list[
         m = m.to("cuda")
         if not int8_model(m, quantized):
             raise ValueError("cuda-int8 backend: the model has no 8-bit Linear layers")
+    elif backend == "cuda-int4":
+        m = m.to("cuda")
+        if not int4_model(m, quantized):
+            raise ValueError("cuda-int4 backend: the model has no <= 4-bit Linear layers the int4 kernel takes")
     elif backend != "cpu-fp32":
         raise ValueError(f"unknown latency backend {backend!r}; known: {', '.join(BACKENDS)}")
     return m
@@ -310,7 +346,7 @@ def measure_latency(model, quantized: dict, feats: list[torch.Tensor], backend: 
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with (torch.autocast("cuda", dtype=torch.bfloat16) if backend == "cuda-bf16"
+            with (torch.autocast("cuda", dtype=torch.bfloat16) if backend in ("cuda-bf16", "cuda-int4")
                   else contextlib.nullcontext()):
                 for x, n in inputs:
                     recognize_batch(m, x, n, opts)
