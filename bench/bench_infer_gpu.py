@@ -27,24 +27,12 @@ import copy
 import torch
 from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
 
-from allinone.eval.latency import _route, int4_model, int8_model
+from bench_woq_gpu import Int8WeightOnlyLinear
+
+from allinone.eval.latency import int4_model, int8_model, route_to_kernel
 from allinone.models.asr import ASRModel, ASRModelConfig
 from allinone.models.conformer import ConformerConfig
 from allinone.quant.quantizer import QuantizedTensor
-
-
-class Int8WeightOnlyLinear(torch.nn.Module):
-    """``x @ (codes * scale).T + bias`` on ``aten._weight_int8pack_mm`` (bf16 activations)."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias):
-        super().__init__()
-        self.codes, self.scale, self.bias = codes.to(torch.int8).contiguous(), scale.reshape(-1).bfloat16(), bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).bfloat16()
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.codes.to(x.device), self.scale.to(x.device))
-        y = y.reshape(*x.shape[:-1], -1)
-        return y + self.bias.bfloat16() if self.bias is not None else y
 
 
 def encoder_linears(model: ASRModel, bits: int) -> dict:
@@ -62,7 +50,7 @@ def weight_only_twin(model: ASRModel, bits: int) -> ASRModel:
     if bits == 4:
         routed = int4_model(twin, quantized)
     else:
-        routed = _route(twin, quantized, (8,), Int8WeightOnlyLinear)
+        routed = route_to_kernel(twin, quantized, (8,), Int8WeightOnlyLinear)
     assert len(routed) == len(quantized), f"every encoder Linear must be routed to int{bits}"
     return twin
 

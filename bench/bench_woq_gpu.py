@@ -34,30 +34,42 @@ import torch.nn.functional as F
 
 from allinone.quant.int4 import Int4WeightOnlyLinear
 from allinone.quant.int8 import int_mm_linear
+from allinone.quant.quantizer import QuantizedTensor
 
 SHAPES = [("FFN w_1", 256, 2048), ("FFN w_2", 2048, 256), ("attention", 256, 256)]
 
 
-def symmetric_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1] and their scales."""
-    top = 2 ** (bits - 1) - 1
-    scale = w.abs().amax(1) / top
-    return torch.round(w / scale[:, None]).clamp(-top, top), scale
+class Int8WeightOnlyLinear(torch.nn.Module):
+    """``x @ (codes * scale).T + bias`` on ``aten._weight_int8pack_mm`` (bf16 activations).
+
+    codes: int8 [out, in]; scale: [out] or [out, 1]; bias: [out] or None. Only for measuring:
+    on an H200 it is 10-700x slower than bf16 at these shapes (docs/benchmarks.md 6b).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.reshape(-1).bfloat16())
+        self.register_buffer("bias", None if bias is None else bias.detach().bfloat16())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).bfloat16(), self.codes, self.scale)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
 
 
 def kernels(w: torch.Tensor) -> dict:
     """name -> (function of bf16 activations, dequantized fp32 weight it computes with)."""
-    c8, s8 = symmetric_codes(w, 8)
-    c4, s4 = symmetric_codes(w, 4)
+    q8 = QuantizedTensor.from_weight(w, 8, per_channel=True)
+    q4 = QuantizedTensor.from_weight(w, 4, per_channel=True)
     w_bf16 = w.bfloat16()
     out = {"bf16": (lambda x: F.linear(x, w_bf16), w_bf16.float())}
-    codes_t = c8.to(torch.int8).t().contiguous()
-    out["int8 dynamic"] = (lambda x: int_mm_linear(x, codes_t, s8.float(), None), c8 * s8[:, None])
-    c8_int8, s8_bf16 = c8.to(torch.int8).contiguous(), s8.bfloat16()
-    out["int8 weight-only"] = (lambda x: torch.ops.aten._weight_int8pack_mm(x, c8_int8, s8_bf16),
-                               c8 * s8_bf16.float()[:, None])
-    int4 = Int4WeightOnlyLinear(c4, s4)  # (packed for the device at its first call)
-    out["int4 weight-only"] = (int4, c4 * s4.bfloat16().float()[:, None])
+    codes_t = q8.codes.t().contiguous()
+    out["int8 dynamic"] = (lambda x: int_mm_linear(x, codes_t, q8.scale.reshape(-1), None), q8.dequantize())
+    out["int8 weight-only"] = (Int8WeightOnlyLinear(q8.codes, q8.scale).to(w.device),
+                               q8.codes * q8.scale.bfloat16().float())
+    out["int4 weight-only"] = (Int4WeightOnlyLinear(q4.codes, q4.scale).to(w.device),  # packed at its first call
+                               q4.codes * q4.scale.bfloat16().float())
     return out
 
 

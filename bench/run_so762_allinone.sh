@@ -18,16 +18,17 @@
 # get mean +- sd over seeds in exp/runs_table.md, bench/runs_table.py);
 # LM_WEIGHT (with LM_ORDER, LM_BONUS; bench/so762_env.sh) decodes with LM shallow fusion: the
 # baseline phase decodes every run again with it, supernet and twins decode only with it;
-# SUPERNET_CONFIG (default conf/train_supernet.yaml; conf/train_supernet_targets.yaml trains the
-# grid's corners every step) chooses the supernet, into exp/supernet_<its name>, whose twins are
-# compared in exp/twins/compare (the default's) or exp/twins/compare_<its name>; SUPERNET_OPTS adds
-# overrides to its training (e.g. train.max_steps=700); TWIN_STEPS trains the twins for that many
-# updates instead of the supernet's (to train them beside it);
-# SUPERNET_MINUTES (default 5) bounds the supernet's training time, TWIN_OPTS adds overrides to
-# each twin's training (e.g. train.time_limit_minutes=2); TRAIN_BASELINE=0 trains the variants
-# but not the float model (brought from another run). On a machine of several GPUs the variants
-# and the twins spread over them (CUDA_VISIBLE_DEVICES picks which). Results land in
-# egs/speechocean762/asr1/exp/ (bench: supernet_train_supernet/bench, twins: twins/compare).
+# SUPERNET_CONFIG (default conf/train_supernet.yaml, with one random subnet a step instead of its
+# two, as measured; conf/train_supernet_targets.yaml trains the grid's corners every step) chooses
+# the supernet, into exp/supernet_<its name>; SUPERNET_OPTS adds overrides to its training (e.g.
+# train.max_steps=700) and SUPERNET_MINUTES (default 5) bounds its training time (over resumed
+# calls too). The twins (one exp/twins for every supernet: one set of twins at a time) train for
+# the supernet's number of updates, or TWIN_STEPS (to train them beside it; checked against the
+# supernet's before the comparison), with TWIN_OPTS added (e.g. train.seed=1); their comparison
+# goes to exp/twins/compare (the default supernet's) or exp/twins/compare_<its name>.
+# TRAIN_BASELINE=0 trains the variants but not the float model (brought from another run). On a
+# machine of several GPUs the variants and the twins spread over them (CUDA_VISIBLE_DEVICES picks
+# which). Results land in egs/speechocean762/asr1/exp/ (bench: supernet_<name>/bench).
 set -euo pipefail
 source "$(dirname "$0")/so762_env.sh"  # $root, $python, cli(); cd egs/speechocean762/asr1
 phase=${1:?usage: $0 baseline|supernet|twins}
@@ -98,10 +99,9 @@ case $phase in
     ;;
   supernet)
     # Fine-tuning from the float model for a fixed time: a short warmup and half the
-    # baseline's peak lr; one random subnet per step besides the largest and smallest.
-    # (the default's one random subnet per step besides the largest and smallest; the targets
-    # config sets its own)
-    one_random=supernet.num_random=1; [ "$sup_name" = train_supernet ] || one_random=""
+    # baseline's peak lr; the default config with one random subnet per step besides the
+    # largest and smallest (the setting of docs/benchmarks.md 10-10d); another config as it is.
+    one_random=supernet.num_random=1; [ -z "${SUPERNET_CONFIG:-}" ] || one_random=""
     ./run.sh --stage 4 --stop_stage 4 --nj 16 --python "$python" --supernet_config "$supernet_config" --train_opts \
       "train.time_limit_minutes=${SUPERNET_MINUTES:-5} optim.warmup_steps=200 optim.lr=5e-4 $one_random ${SUPERNET_OPTS:-}"
     cli bench "$sup_exp/final" --grid conf/grid24.yaml --data data/dev data/test --out "$sup_exp/bench" \
@@ -112,25 +112,21 @@ case $phase in
     # float model) and number of optimizer updates as the supernet, one system per run.
     # (TWIN_STEPS: that many updates without waiting for the supernet, e.g. side by side with it
     # on another GPU; the twins are then checked against the supernet's own count when compared)
-    sup_steps() { "$python" -c "import json; print(json.load(open('$sup_exp/history.json'))[-1]['step'])"; }
-    steps=${TWIN_STEPS:-$(sup_steps)}
+    last_step() { "$python" -c "import json; print(json.load(open('$1/history.json'))[-1]['step'])"; }
+    steps=${TWIN_STEPS:-$(last_step "$sup_exp")}
+    [[ $steps =~ ^[1-9][0-9]*$ ]] || { echo "$0: the twins' number of updates must be a positive integer, got '$steps'" >&2; exit 2; }
     # the supernet's own config (run.sh stage 4 merges the same two files), so the twins need
     # nothing of its run until the comparison
     mkdir -p exp/twins
     "$python" ../../utils/merge_config.py conf/train_conformer.yaml "$supernet_config" > exp/twins/config.in.yaml
     train_twin() {  # SUBNET GPU_INDEX
-      if [ -f "exp/twins/$1/allocation.json" ]; then  # trained before: for as many updates?
-        local had; had=$("$python" -c "import json; print(json.load(open('exp/twins/$1/history.json'))[-1]['step'])")
-        [ "$had" = "$steps" ] || { echo "$0: exp/twins/$1 had $had updates, $sup_exp $steps: move exp/twins away" >&2; return 1; }
-        return 0
-      fi
-      on_gpu $2 cli train exp/twins/config.in.yaml exp_dir="exp/twins/$1" \
+      [ -f "exp/twins/$1/allocation.json" ] || on_gpu $2 cli train exp/twins/config.in.yaml exp_dir="exp/twins/$1" \
         data.train=data/train data.valid=data/dev data.feat_cache_dir=dump/feats data.num_workers=16 \
         supernet.init_from="$asr_exp/final" supernet.strategy=fixed supernet.subnet="$1" \
         supernet.label_weight=1.0 optim.warmup_steps=200 optim.lr=5e-4 train.max_steps="$steps" ${TWIN_OPTS:-}
     }
-    # one twin after another on one GPU (so that a time cap in TWIN_OPTS means the same as
-    # alone); side by side, round robin over the GPUs, where there are several
+    # one twin after another on one GPU; side by side, round robin over the GPUs, where there
+    # are several
     runs="" i=0 pids=() failed=0
     for s in $corners; do
       if [ ${#gpus[@]} -gt 1 ]; then train_twin $s $i > exp/twins/$s.stdout.log 2>&1 & pids+=($!); else train_twin $s $i; fi
@@ -138,7 +134,13 @@ case $phase in
     done
     for p in "${pids[@]}"; do wait $p || failed=1; done
     [ $failed = 0 ] || { echo "$0: a twin failed (see exp/twins/*.stdout.log)" >&2; exit 1; }
-    [ "$(sup_steps)" = "$steps" ] || { echo "$0: the twins had $steps updates, $sup_exp $(sup_steps)" >&2; exit 1; }
+    # every twin (trained now or before) and the supernet: the same number of updates
+    for s in $corners; do
+      [ "$(last_step exp/twins/$s)" = "$steps" ] || \
+        { echo "$0: exp/twins/$s ran $(last_step exp/twins/$s) updates, not $steps: move exp/twins away" >&2; exit 1; }
+    done
+    [ "$(last_step "$sup_exp")" = "$steps" ] || \
+      { echo "$0: the twins ran $steps updates (TWIN_STEPS or an earlier run), $sup_exp $(last_step "$sup_exp")" >&2; exit 1; }
     cli compare "$asr_exp/final" $runs --data data/dev data/test --out "$twins_compare" --device cuda \
       --num-workers "$(nproc)" --nested "$sup_exp/bench" $(lm_decode_opts)
     ;;

@@ -45,3 +45,14 @@ def test_int4_linear_refuses_what_the_kernels_cannot_take():
         Int4WeightOnlyLinear(torch.zeros(24, 64, dtype=torch.int8), torch.ones(24))
     with pytest.raises(ValueError, match=r"4-bit codes in \[-7, 7\]"):
         Int4WeightOnlyLinear(torch.full((32, 64), 9, dtype=torch.int8), torch.ones(32))
+
+
+def test_int4_linear_repacks_when_its_buffers_are_replaced():
+    """The packed weight is a cache of the codes: loading other codes must not reuse it."""
+    g = torch.Generator().manual_seed(1)
+    qa, qb = (QuantizedTensor.from_weight(torch.randn(32, 64, generator=g), 4, per_channel=True) for _ in range(2))
+    layer = Int4WeightOnlyLinear(qa.codes, qa.scale)
+    x = torch.randn(5, 64, generator=g)
+    assert _rel_err(layer(x), F.linear(x, qa.dequantize())) < 0.01
+    layer.load_state_dict(Int4WeightOnlyLinear(qb.codes, qb.scale).state_dict())
+    assert _rel_err(layer(x), F.linear(x, qb.dequantize())) < 0.01

@@ -45,6 +45,16 @@ def test_fbgemm_matches_reference(shape, bias):
     torch.testing.assert_close(y, sim, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+def test_fbgemm_repacks_when_its_buffers_are_replaced():
+    """The prepacked weight is a cache of the codes: loading others (in place) must not reuse it."""
+    (qa, ba), (qb, bb) = _layer(16, 12, bias=True), _layer(16, 12, bias=True, seed=5)
+    lin = Int8Linear.from_quantized(qa, ba, backend="fbgemm")
+    x = torch.randn(4, 12)
+    assert (lin(x) - (x @ qa.dequantize().t() + ba)).abs().max() < 0.05
+    lin.load_state_dict(Int8Linear.from_quantized(qb, bb).state_dict())
+    assert (lin(x) - (x @ qb.dequantize().t() + bb)).abs().max() < 0.05
+
+
 def test_int_mm_backend_matches_reference():
     q, b = _layer(40, 24)  # K, N not multiples of 8 on purpose (padding path), M < 17
     lin = Int8Linear.from_quantized(q, b, backend="int_mm")

@@ -242,7 +242,8 @@ def _bench_system(name: str, subnet: SubnetConfig, model, dec_model, tokenizer, 
         from allinone.eval.search import input_shift_s
 
         shift = input_shift_s(fbank)
-        for backend in backends_for(bits, front_end=front_end_ranges is not None):
+        shapes = {k: tuple(q.codes.shape) for k, q in quantized.items()}
+        for backend in backends_for(bits, front_end=front_end_ranges is not None, shapes=shapes):
             latency[backend] = measure_latency(
                 small, quantized, latency_feats, backend, shift, opts.latency_repeats, opts.threads, opts.beam,
                 front_end_ranges=front_end_ranges if backend == "cpu-int8-fe" else None).to_dict()

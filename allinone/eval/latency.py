@@ -40,7 +40,7 @@ import torch
 BACKENDS = ("cpu-fp32", "cpu-int8", "cpu-int8-fe", "cuda-fp32", "cuda-bf16", "cuda-int8", "cuda-int4")
 
 __all__ = ["BACKENDS", "LatencyResult", "measure_latency", "backends_for", "int8_applicable", "int8_model",
-           "int4_applicable", "int4_model", "front_end_ranges", "front_end_to_int8"]
+           "int4_applicable", "int4_model", "route_to_kernel", "front_end_ranges", "front_end_to_int8"]
 
 
 @dataclass
@@ -63,13 +63,21 @@ def int8_applicable(bits: dict[str, int]) -> bool:
     return bool(bits) and all(b == 8 for b in bits.values())
 
 
-def int4_applicable(bits: dict[str, int]) -> bool:
-    """True when every quantized tensor has at most 4 bits (and there is at least one)."""
-    return bool(bits) and all(b <= 4 for b in bits.values())
+def int4_applicable(bits: dict[str, int], shapes: dict[str, tuple[int, ...]] | None = None) -> bool:
+    """True when every quantized tensor has 2, 3 or 4 bits (and there is at least one) and, given
+    the tensors' ``shapes``, at least one is a matrix (or pointwise kernel) the int4 kernel takes."""
+    from allinone.quant.int4 import int4_supported_shape
+
+    if not bits or not all(2 <= b <= 4 for b in bits.values()):
+        return False
+    return shapes is None or any(len(s) >= 2 and all(n == 1 for n in s[2:]) and int4_supported_shape(s[0], s[1])
+                                 for s in shapes.values())
 
 
-def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = False) -> list[str]:
-    """Backends to time for an extracted model whose quantized tensors have ``bits``.
+def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = False,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """Backends to time for an extracted model whose quantized tensors have ``bits`` (and,
+    when given, ``shapes``: ``cuda-int4`` only where the int4 kernel takes one of them).
 
     CUDA is timed whenever a GPU is present, whatever ``device`` decoding used;
     ``cpu-int8-fe`` where ``front_end`` (calibration utterances are at hand).
@@ -81,7 +89,7 @@ def backends_for(bits: dict[str, int], device: str = "cpu", front_end: bool = Fa
         out += ["cuda-fp32", "cuda-bf16"]
         if int8_applicable(bits):
             out.append("cuda-int8")
-        if int4_applicable(bits):
+        if int4_applicable(bits, shapes):
             out.append("cuda-int4")
     return out
 
@@ -166,7 +174,7 @@ def _is_pointwise_conv1d(layer) -> bool:
             and layer.stride == (1,) and layer.padding == (0,) and layer.dilation == (1,))
 
 
-def _route(model, quantized: dict, bits: tuple[int, ...], make_kernel) -> list[str]:
+def route_to_kernel(model, quantized: dict, bits: tuple[int, ...], make_kernel) -> list[str]:
     """Route, in place, every Linear and pointwise Conv1d of an extracted model quantized to one
     of ``bits`` to the module ``make_kernel(codes [out, in], scale, bias)`` builds (None: leave
     the layer float).
@@ -186,7 +194,7 @@ def _route(model, quantized: dict, bits: tuple[int, ...], make_kernel) -> list[s
             continue
         kernel = kernel.to(layer.weight.device)
         weight = layer._parameters.pop("weight")
-        layer.lowbit = kernel  # a child module: moves and is saved with the model
+        layer.kernel = kernel  # a child module: moves and is saved with the model
         layer.weight = _RoutedWeight(weight.data, kernel, layer.bias)
         routed.append(name.rsplit(".", 1)[0])
     return routed
@@ -197,7 +205,7 @@ def int8_model(model, quantized: dict) -> list[str]:
     returns the routed layers' names."""
     from allinone.quant.int8 import Int8Linear
 
-    return _route(model, quantized, (8,), Int8Linear)
+    return route_to_kernel(model, quantized, (8,), Int8Linear)
 
 
 def int4_model(model, quantized: dict) -> list[str]:
@@ -209,7 +217,7 @@ def int4_model(model, quantized: dict) -> list[str]:
     def make(codes, scale, bias):
         return Int4WeightOnlyLinear(codes, scale, bias) if int4_supported_shape(*codes.shape) else None
 
-    return _route(model, quantized, (2, 3, 4), make)
+    return route_to_kernel(model, quantized, (2, 3, 4), make)
 
 
 @torch.no_grad()

@@ -11,10 +11,11 @@ their own tile layout with a scale and a zero point per group of input channels,
 
 The codes map onto them exactly: nibble = c + 8, every group of a row gets the row's scale,
 zero point 0. So the kernel computes with the very weights the packed file stores, and the
-outputs differ from the float reference only by bf16 rounding (tests bound it). Whether it is
-faster depends on the hardware and the number of rows: on an H200 tinygemm beats cuBLAS bf16
-for one utterance and loses badly for 32 (docs/benchmarks.md 6b); on the sandbox CPU the CPU
-kernel is slower than fp32 (section 3). Codes of 2 or 3 bits are 4-bit codes too, so
+outputs differ from the float reference only by bf16 rounding of activations and scales
+(tests bound it). Whether it is faster depends on the hardware and the number of rows: on an
+H200 a whole encoder on tinygemm ran one utterance in 0.90x bf16's time in one measurement and
+is 10-23x slower per Linear for 32 utterances (docs/benchmarks.md 6b); on the sandbox CPU the
+CPU kernel is slower than fp32 (section 3). Codes of 2 or 3 bits are 4-bit codes too, so
 ``allinone bench`` times it as the ``cuda-int4`` backend of every system whose quantized
 weights have at most 4 bits.
 """
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .int8 import _buffers_key
 
 __all__ = ["Int4WeightOnlyLinear", "int4_supported_shape"]
 
@@ -48,7 +51,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     codes: [out, in] integers in [-7, 7] (4-bit codes, or 2- and 3-bit ones); scale: [out], [out, 1] or one value (per tensor);
     bias: [out] or None. ``forward(x [..., in]) -> [..., out]`` in bf16 (the kernels' type).
-    The weight is packed for the device of the first call and kept (packing is device-specific).
+    The weight is packed for the device of the first call and kept while the device and the
+    buffers stay the same (packing is device-specific).
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
@@ -64,14 +68,15 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().reshape(-1).expand(out_features).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+        self._packed = None  # (key, packed weight, scales and zeros), rebuilt when device or buffers change
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float reference weight ``codes * scale``: [out, in]."""
         return self.codes.float() * self.scale[:, None]
 
     def _pack(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._packed is None or self._packed[0] != device:
+        key = (device, _buffers_key(self))
+        if self._packed is None or self._packed[0] != key:
             nibbles = (self.codes.to(device, torch.int32) + 8)  # [N, K] in [1, 15]
             if device.type == "cuda":
                 pairs = (nibbles[:, ::2] << 4 | nibbles[:, 1::2]).to(torch.uint8)  # even column high
@@ -81,7 +86,7 @@ class Int4WeightOnlyLinear(nn.Module):
             groups = self.in_features // self.group
             scale = self.scale.to(device)[None].expand(groups, self.out_features)
             scale_zero = torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16).contiguous()
-            self._packed = (device, packed, scale_zero)  # [groups, out, (scale, zero)]
+            self._packed = (key, packed, scale_zero)  # [groups, out, (scale, zero)]
         return self._packed[1], self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

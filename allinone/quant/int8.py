@@ -36,6 +36,12 @@ from .quantizer import QuantizedTensor
 BACKENDS = ("auto", "fbgemm", "int_mm")
 
 
+def _buffers_key(module: nn.Module) -> tuple:
+    """What a cache of prepacked weights depends on: each buffer's storage and its count of
+    in-place writes (``load_state_dict`` copies into the same storage)."""
+    return tuple((b.data_ptr(), b._version) for b in (module.codes, module.scale, module.bias) if b is not None)
+
+
 def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "qnnpack"))
 
@@ -131,8 +137,7 @@ class Int8Linear(nn.Module):
 
     def _fbgemm_params(self):
         """Prepacked weight for ``linear_dynamic``, cached while the buffers stay the same."""
-        key = (self.codes.data_ptr(), self.scale.data_ptr(),
-               None if self.bias is None else self.bias.data_ptr())
+        key = _buffers_key(self)
         if self._prepacked is None or self._prepacked[0] != key:
             bias = None if self.bias is None else self.bias.cpu()
             self._prepacked = (key, torch.ops.quantized.linear_prepack(_per_channel_qweight(self.codes, self.scale),
@@ -195,8 +200,7 @@ class Int8Conv2dReLU(nn.Module):
         return self.codes.float() * self.scale[:, None, None, None]
 
     def _packed(self):
-        key = (self.codes.data_ptr(), self.scale.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-               torch.backends.quantized.engine)
+        key = (_buffers_key(self), torch.backends.quantized.engine)
         if self._prepacked is None or self._prepacked[0] != key:
             packed = torch.ops.quantized.conv2d_prepack(_per_channel_qweight(self.codes, self.scale), self.bias,
                                                         list(self.stride), [0, 0], [1, 1], 1)

@@ -10,9 +10,10 @@ Supernet strategies (docs/supernet.md), chosen by the ``supernet`` config sectio
 - ``sandwich``: the largest subnet on the labels (the teacher), then the smallest and
   ``num_random`` random subnets on ``label_weight * labels + kl_weight * KL(teacher || subnet)``;
 - ``targets``: a fixed list of subnets every step, the highest precision first as teacher
-  (labels only), the others as above, then ``num_random`` random subnets (default 0) as the
-  others: the published recipe trains its target systems every step, and the random ones
-  keep the systems between them trained;
+  (labels only), the others as above, then ``num_random`` random subnets (default 0; with
+  ``sample_from``, systems of the grid other than the targets) as the others: the published
+  recipe trains its target systems every step, and the random ones keep the systems between
+  them trained;
 - ``random``: ``num_random`` random subnets on the labels.
 
 Random subnets come from the whole space, or with ``sample_from`` (a grid: a YAML file or a
@@ -239,6 +240,12 @@ class SupernetStrategy:
                               key=lambda s: (s.average_bits(), s.depth, sum(c.ffn + c.heads for c in s.layers)))
         self.calls = 0  # micro-batches seen; with the seed it fixes each step's random subnets
         self.pool = None if opts.sample_from is None else _sample_pool(opts.sample_from, space)
+        if self.pool is not None and opts.strategy == "targets" and opts.num_random:
+            # the random systems are the others: a target drawn again would train twice a step
+            names = {space.format(t) for t in self.targets}
+            self.pool = [s for s in self.pool if space.format(s) not in names]
+            if not self.pool:
+                raise ValueError("supernet.sample_from lists only the targets: no other system to draw")
 
     def _sample(self, g: torch.Generator) -> SubnetConfig:
         if self.pool is None:
@@ -277,7 +284,10 @@ class SupernetStrategy:
                 (loss * scale).backward()
             if distil and is_teacher:
                 teacher = out["ctc_log_probs"].detach()
-            logs[f"loss/{self.space.format(subnet)}"] = loss.detach()
+            key = f"loss/{self.space.format(subnet)}"
+            if key in logs:  # the same subnet twice in a step (random draws from the whole space)
+                key = f"{key}#{i}"
+            logs[key] = loss.detach()
         return logs
 
 
