@@ -118,8 +118,24 @@ def test_targets_with_random_subnets_from_a_grid():
     batch = tiny_batch()
     logs = strat.step(model, model, batch, use_bf16=False, loss_scale=1.0, sync_grads=True)
     assert list(logs)[:3] == [f"loss/{t}" for t in TARGETS] and len(logs) == len(plans[0])
-    with pytest.raises(ValueError, match="only the targets"):
+    with pytest.raises(ValueError, match="only systems trained every step"):
         make_strategy(model, "targets", num_random=1, sample_from=TARGETS[:2])
+
+
+def test_sandwich_ends_from_the_grid():
+    """ends: sample_from: the sandwich's largest and smallest are the grid's (the systems one
+    deploys), the random ones the grid's others; the default keeps the space's ends."""
+    model = tiny_supernet()
+    grid = ["L4_F48_H4_B32", "L4_F24_H4_B4", "L2_F48_H2_B8", "L2_F48_H2_B2", "L4_F48_H4_B8"]
+    strat = make_strategy(model, "sandwich", num_random=1, sample_from=grid, ends="sample_from")
+    space = strat.space
+    plans = [strat.subnets(step) for step in range(40)]
+    assert {tuple(space.format(s) for s, _ in p[:2]) for p in plans} == {("L4_F48_H4_B32", "L2_F48_H2_B2")}
+    assert {space.format(p[2][0]) for p in plans} == set(grid) - {"L4_F48_H4_B32", "L2_F48_H2_B2"}
+    default = make_strategy(model, "sandwich", num_random=1, sample_from=grid)
+    assert [space.format(s) for s, _ in default.subnets(0)[:2]] == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
+    with pytest.raises(ValueError, match="needs supernet.sample_from"):
+        make_strategy(model, "sandwich", ends="sample_from")
 
 
 def test_random_subnets_from_a_grid(tmp_path):

@@ -7,7 +7,8 @@ parameters may receive no gradient in a step (a shallow subnet skips whole layer
 
 Supernet strategies (docs/supernet.md), chosen by the ``supernet`` config section:
 
-- ``sandwich``: the largest subnet on the labels (the teacher), then the smallest and
+- ``sandwich``: the largest subnet on the labels (the teacher), then the smallest (of the
+  space, or with ``ends: sample_from`` of the grid) and
   ``num_random`` random subnets on ``label_weight * labels + kl_weight * KL(teacher || subnet)``;
 - ``targets``: a fixed list of subnets every step, the highest precision first as teacher
   (labels only), the others as above, then ``num_random`` random subnets (default 0; with
@@ -119,6 +120,8 @@ class SupernetOptions:
     space: search-space YAML path or inline dict; strategy: sandwich | targets | random;
     num_random: random subnets per step (default 2 for sandwich and random, 0 for targets); sample_from: a grid (YAML file or
     list of subnet strings) the random subnets are drawn from instead of the whole space;
+    ends (sandwich): ``space`` (its largest and smallest subnets are the space's) or
+    ``sample_from`` (the grid's; random draws then leave them out);
     targets: subnet strings
     (targets); label_weight / kl_weight: loss of non-teacher subnets; quant: the model's
     ``QuantConfig`` dict (bits, per_channel, learn_scale, method, mode); extractor_bits
@@ -147,6 +150,7 @@ class SupernetOptions:
     strategy: str = "sandwich"
     num_random: int | None = None
     sample_from: Any = None
+    ends: str = "space"
     targets: list[str] = field(default_factory=list)
     label_weight: float | None = None
     kl_weight: float = 1.0
@@ -196,6 +200,9 @@ class SupernetOptions:
             raise ValueError(f"supernet.num_random={opts.num_random} must be >= 0 (>= 1 for 'random')")
         if opts.label_weight < 0 or opts.kl_weight < 0 or opts.label_weight + opts.kl_weight == 0:
             raise ValueError("supernet.label_weight and kl_weight must be >= 0 and not both 0")
+        if opts.ends not in ("space", "sample_from") or (opts.ends == "sample_from" and opts.sample_from is None):
+            raise ValueError(f"supernet.ends={opts.ends!r}: 'space' (the sandwich's largest and smallest are "
+                             "the space's) or 'sample_from' (the grid's; needs supernet.sample_from)")
         if opts.strategy == "fixed" and not opts.subnet:
             raise ValueError("supernet.strategy=fixed needs supernet.subnet (a subnet string or an allocation.json)")
         if opts.strategy == "mixed_precision":
@@ -236,16 +243,20 @@ class SupernetStrategy:
         self.space, self.opts = space, opts
         self.seed = opts.seed if opts.seed is not None else seed
         # Highest precision first (then the widest): the first target is the teacher.
-        self.targets = sorted((space.parse(t) for t in opts.targets), reverse=True,
-                              key=lambda s: (s.average_bits(), s.depth, sum(c.ffn + c.heads for c in s.layers)))
+        self.targets = sorted((space.parse(t) for t in opts.targets), reverse=True, key=_size_key)
         self.calls = 0  # micro-batches seen; with the seed it fixes each step's random subnets
         self.pool = None if opts.sample_from is None else _sample_pool(opts.sample_from, space)
-        if self.pool is not None and opts.strategy == "targets" and opts.num_random:
-            # the random systems are the others: a target drawn again would train twice a step
-            names = {space.format(t) for t in self.targets}
+        # the sandwich's ends: the space's, or (ends: sample_from) the grid's largest and smallest
+        ranked = sorted(self.pool, key=_size_key) if opts.ends == "sample_from" else None
+        self.largest, self.smallest = (ranked[-1], ranked[0]) if ranked else (space.largest(), space.smallest())
+        every_step = {"targets": self.targets, "sandwich": [self.largest, self.smallest] if ranked else []}
+        every_step = every_step.get(opts.strategy, [])
+        if self.pool is not None and every_step and opts.num_random:
+            # the random systems are the others: one trained every step drawn again would train twice
+            names = {space.format(t) for t in every_step}
             self.pool = [s for s in self.pool if space.format(s) not in names]
             if not self.pool:
-                raise ValueError("supernet.sample_from lists only the targets: no other system to draw")
+                raise ValueError("supernet.sample_from lists only systems trained every step: no other to draw")
 
     def _sample(self, g: torch.Generator) -> SubnetConfig:
         if self.pool is None:
@@ -256,7 +267,7 @@ class SupernetStrategy:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         randoms = [self._sample(g) for _ in range(self.opts.num_random)]
         if self.opts.strategy == "sandwich":
-            return [(self.space.largest(), True), (self.space.smallest(), False)] + [(s, False) for s in randoms]
+            return [(self.largest, True), (self.smallest, False)] + [(s, False) for s in randoms]
         if self.opts.strategy == "targets":
             return [(s, i == 0) for i, s in enumerate(self.targets)] + [(s, False) for s in randoms]
         return [(s, False) for s in randoms]
@@ -289,6 +300,11 @@ class SupernetStrategy:
                 key = f"{key}#{i}"
             logs[key] = loss.detach()
         return logs
+
+
+def _size_key(s: SubnetConfig) -> tuple:
+    """Orders subnets by precision, then depth, then width (the largest last)."""
+    return s.average_bits(), s.depth, sum(c.ffn + c.heads for c in s.layers)
 
 
 def _sample_pool(source, space: SearchSpace) -> list[SubnetConfig]:
