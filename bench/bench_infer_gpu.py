@@ -16,7 +16,7 @@ Timed: encoder + CTC log-probabilities (what every decoder runs first), for a ba
 throughput). "compiled" rows use ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
 which removes the kernel-launch overhead that dominates at batch one.
 
-Run:  python bench/bench_infer_gpu.py            (needs a GPU)
+Run:  python bench/bench_infer_gpu.py            (needs a GPU; --batches 1 for batch one only)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import argparse
 import copy
 
 import torch
-from bench_train_step import timed  # (bench/ is on sys.path when this script runs)
+from bench_train_step import timed_round_robin  # (bench/ is on sys.path when this script runs)
 
 from bench_woq_gpu import Int8WeightOnlyLinear
 
@@ -67,6 +67,8 @@ def int8_twin(model: ASRModel) -> ASRModel:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], choices=[1, 32],
+                   help="1: one 5 s utterance; 32: 32 x 10 s")
     p.add_argument("--no-compile", action="store_true", help="skip the CUDA-graph rows")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -81,38 +83,48 @@ def main() -> None:
         except RuntimeError as e:
             print(f"<!-- int{bits} weight-only: not offered here: {str(e).splitlines()[0]} -->")
 
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; encoder 12 x 256, FFN 2048\n")
-    print("| batch | variant | ms (eager) | ms (CUDA graphs) | vs bf16 eager |")
-    print("|---|---|---:|---:|---:|")
-    for batch, frames in ((1, 500), (32, 1000)):
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; encoder 12 x 256, FFN 2048; "
+          f"variants timed in turn (median of {args.repeats} rounds)\n")
+    print("| batch | variant | ms (eager) | ms (CUDA graphs) | vs bf16 eager | vs bf16 (CUDA graphs) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for batch, frames in ((b, 500 if b == 1 else 1000) for b in args.batches):
         feats = torch.randn(batch, frames, 80, device="cuda")
         lens = torch.full((batch,), frames, device="cuda")
-        results = {}
+        eager, graphed = {}, {}
         for name, (m, bf16) in variants.items():
             def forward(f, n, m=m, bf16=bf16):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                     enc_out, _ = m.encode(f, n)
                     return m.ctc_log_probs(enc_out)
 
-            with torch.no_grad():
+            try:
+                forward(feats, lens)
+                eager[name] = lambda forward=forward: forward(feats, lens)
+            except RuntimeError as e:  # a kernel this GPU lacks: say so, time the rest
+                print(f"<!-- {name} batch {batch}: {str(e).splitlines()[0][:300]} -->")
+                continue
+            if not args.no_compile:
                 try:
-                    eager = timed(lambda: forward(feats, lens), 10, args.repeats, "cuda")
-                except RuntimeError as e:  # a kernel this GPU lacks: say so, time the rest
-                    print(f"<!-- {name} batch {batch}: {str(e).splitlines()[0][:300]} -->")
-                    continue
-                graphed = float("nan")
-                if not args.no_compile:
-                    try:
-                        compiled = torch.compile(forward, mode="reduce-overhead", dynamic=False)
-                        graphed = timed(lambda: compiled(feats, lens), 10, args.repeats, "cuda")
-                    except Exception as e:  # a variant that cannot be compiled is a finding: report it
-                        print(f"<!-- {name} batch {batch}: torch.compile failed: {type(e).__name__}: "
-                              f"{str(e)[:300]} -->")
-                        torch._dynamo.reset()
-            results[name] = (eager, graphed)
-        ref = results["bf16"][0]
-        for name, (eager, graphed) in results.items():
-            print(f"| {batch} x {frames / 100:.0f} s | {name} | {eager:.2f} | {graphed:.2f} | {eager / ref:.2f}x |")
+                    compiled = torch.compile(forward, mode="reduce-overhead", dynamic=False)
+                    compiled(feats, lens)  # compile and record the graph before any timing
+                    graphed[name] = lambda compiled=compiled: compiled(feats, lens)
+                except Exception as e:  # a variant that cannot be compiled is a finding: report it
+                    print(f"<!-- {name} batch {batch}: torch.compile failed: {type(e).__name__}: "
+                          f"{str(e)[:300]} -->")
+                    torch._dynamo.reset()
+        # in turn, so that a drift of the GPU's speed spreads over every variant
+        eager_ms = {k: v[0] for k, v in timed_round_robin(eager, 10, args.repeats, "cuda").items()}
+        try:
+            graphed_ms = {k: v[0] for k, v in timed_round_robin(graphed, 10, args.repeats, "cuda").items()}
+        except Exception as e:  # should CUDA graphs of several models not replay in turn: one at a time
+            print(f"<!-- batch {batch}: CUDA graphs in turn failed ({type(e).__name__}): timed one at a time -->")
+            graphed_ms = {k: timed_round_robin({k: f}, 10, args.repeats, "cuda")[k][0] for k, f in graphed.items()}
+        nan = float("nan")
+        for name in eager_ms:
+            g = graphed_ms.get(name, nan)
+            print(f"| {batch} x {frames / 100:.0f} s | {name} | {eager_ms[name]:.2f} | {g:.2f} | "
+                  f"{eager_ms[name] / eager_ms.get('bf16', nan):.2f}x | {g / graphed_ms.get('bf16', nan):.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":
