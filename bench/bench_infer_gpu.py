@@ -90,6 +90,7 @@ def main() -> None:
     for batch, frames in ((b, 500 if b == 1 else 1000) for b in args.batches):
         feats = torch.randn(batch, frames, 80, device="cuda")
         lens = torch.full((batch,), frames, device="cuda")
+        torch._dynamo.reset()  # every variant compiles `forward` anew: keep under dynamo's recompile limit
         eager, graphed = {}, {}
         for name, (m, bf16) in variants.items():
             def forward(f, n, m=m, bf16=bf16):
@@ -106,7 +107,8 @@ def main() -> None:
             if not args.no_compile:
                 try:
                     compiled = torch.compile(forward, mode="reduce-overhead", dynamic=False)
-                    compiled(feats, lens)  # compile and record the graph before any timing
+                    for _ in range(3):  # compile, warm up, record the CUDA graph: failures show here
+                        compiled(feats, lens)
                     graphed[name] = lambda compiled=compiled: compiled(feats, lens)
                 except Exception as e:  # a variant that cannot be compiled is a finding: report it
                     print(f"<!-- {name} batch {batch}: torch.compile failed: {type(e).__name__}: "
@@ -118,7 +120,12 @@ def main() -> None:
             graphed_ms = {k: v[0] for k, v in timed_round_robin(graphed, 10, args.repeats, "cuda").items()}
         except Exception as e:  # should CUDA graphs of several models not replay in turn: one at a time
             print(f"<!-- batch {batch}: CUDA graphs in turn failed ({type(e).__name__}): timed one at a time -->")
-            graphed_ms = {k: timed_round_robin({k: f}, 10, args.repeats, "cuda")[k][0] for k, f in graphed.items()}
+            graphed_ms = {}
+            for k, f in graphed.items():
+                try:
+                    graphed_ms[k] = timed_round_robin({k: f}, 10, args.repeats, "cuda")[k][0]
+                except Exception as e2:
+                    print(f"<!-- {k} batch {batch}: CUDA graphs failed: {type(e2).__name__} -->")
         nan = float("nan")
         for name in eager_ms:
             g = graphed_ms.get(name, nan)

@@ -123,19 +123,26 @@ def test_targets_with_random_subnets_from_a_grid():
 
 
 def test_sandwich_ends_from_the_grid():
-    """ends: sample_from: the sandwich's largest and smallest are the grid's (the systems one
-    deploys), the random ones the grid's others; the default keeps the space's ends."""
+    """ends: sample_from: the sandwich's largest (the teacher) and smallest are the grid's (the
+    systems one deploys), the random ones the grid's others, validation runs the grid's largest;
+    the default keeps the space's ends."""
     model = tiny_supernet()
-    grid = ["L4_F48_H4_B32", "L4_F24_H4_B4", "L2_F48_H2_B8", "L2_F48_H2_B2", "L4_F48_H4_B8"]
+    grid = ["L4_F24_H4_B4", "L2_F48_H2_B8", "L2_F48_H2_B2", "L4_F48_H4_B8", "L2_F24_H2_B4"]  # not the space's ends
     strat = make_strategy(model, "sandwich", num_random=1, sample_from=grid, ends="sample_from")
     space = strat.space
     plans = [strat.subnets(step) for step in range(40)]
-    assert {tuple(space.format(s) for s, _ in p[:2]) for p in plans} == {("L4_F48_H4_B32", "L2_F48_H2_B2")}
-    assert {space.format(p[2][0]) for p in plans} == set(grid) - {"L4_F48_H4_B32", "L2_F48_H2_B2"}
+    assert {tuple((space.format(s), t) for s, t in p[:2]) for p in plans} == {
+        (("L4_F48_H4_B8", True), ("L2_F48_H2_B2", False))}
+    assert {space.format(p[2][0]) for p in plans} == set(grid) - {"L4_F48_H4_B8", "L2_F48_H2_B2"}
+    assert space.format(strat.validation_subnet(model)) == "L4_F48_H4_B8"
     default = make_strategy(model, "sandwich", num_random=1, sample_from=grid)
     assert [space.format(s) for s, _ in default.subnets(0)[:2]] == ["L4_F48_H4_B32", "L2_F24_H2_B2"]
-    with pytest.raises(ValueError, match="needs supernet.sample_from"):
-        make_strategy(model, "sandwich", ends="sample_from")
+    assert default.validation_subnet(model) is None
+    for kw, match in [({}, "for strategy sandwich with supernet.sample_from"),
+                      ({"strategy": "random", "sample_from": grid}, "for strategy sandwich"),
+                      ({"sample_from": grid[:1]}, "at least two systems")]:
+        with pytest.raises(ValueError, match=match):
+            make_strategy(model, kw.pop("strategy", "sandwich"), ends="sample_from", **kw)
 
 
 def test_random_subnets_from_a_grid(tmp_path):

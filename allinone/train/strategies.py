@@ -200,9 +200,11 @@ class SupernetOptions:
             raise ValueError(f"supernet.num_random={opts.num_random} must be >= 0 (>= 1 for 'random')")
         if opts.label_weight < 0 or opts.kl_weight < 0 or opts.label_weight + opts.kl_weight == 0:
             raise ValueError("supernet.label_weight and kl_weight must be >= 0 and not both 0")
-        if opts.ends not in ("space", "sample_from") or (opts.ends == "sample_from" and opts.sample_from is None):
+        if (opts.ends not in ("space", "sample_from")
+                or opts.ends == "sample_from" and (opts.sample_from is None or opts.strategy != "sandwich")):
             raise ValueError(f"supernet.ends={opts.ends!r}: 'space' (the sandwich's largest and smallest are "
-                             "the space's) or 'sample_from' (the grid's; needs supernet.sample_from)")
+                             "the space's) or 'sample_from' (the grid's; for strategy sandwich with "
+                             "supernet.sample_from)")
         if opts.strategy == "fixed" and not opts.subnet:
             raise ValueError("supernet.strategy=fixed needs supernet.subnet (a subnet string or an allocation.json)")
         if opts.strategy == "mixed_precision":
@@ -249,6 +251,8 @@ class SupernetStrategy:
         # the sandwich's ends: the space's, or (ends: sample_from) the grid's largest and smallest
         ranked = sorted(self.pool, key=_size_key) if opts.ends == "sample_from" else None
         self.largest, self.smallest = (ranked[-1], ranked[0]) if ranked else (space.largest(), space.smallest())
+        if ranked and self.largest == self.smallest:
+            raise ValueError("supernet.ends=sample_from needs a grid of at least two systems")
         every_step = {"targets": self.targets, "sandwich": [self.largest, self.smallest] if ranked else []}
         every_step = every_step.get(opts.strategy, [])
         if self.pool is not None and every_step and opts.num_random:
@@ -273,8 +277,8 @@ class SupernetStrategy:
         return [(s, False) for s in randoms]
 
     def validation_subnet(self, model) -> SubnetConfig | None:
-        """The largest subnet, which is the whole float model (the teacher of the others)."""
-        return None
+        """The teacher: the whole float model (None), or with ``ends: sample_from`` the grid's largest."""
+        return self.largest if self.opts.ends == "sample_from" else None
 
     def step(self, ddp_model, model, batch: dict, use_bf16: bool, loss_scale: float,
              sync_grads: bool) -> dict[str, torch.Tensor]:
