@@ -49,8 +49,8 @@ def int4_supported_shape(out_features: int, in_features: int) -> bool:
 class Int4WeightOnlyLinear(nn.Module):
     """``x @ (codes * scale).T + bias`` on a weight-only int4 kernel (CUDA or CPU).
 
-    codes: [out, in] integers in [-7, 7] (4-bit codes, or 2- and 3-bit ones); scale: [out], [out, 1] or one value (per tensor);
-    bias: [out] or None. ``forward(x [..., in]) -> [..., out]`` in bf16 (the kernels' type).
+    codes: [out, in] integers in [-7, 7] (4-bit codes, or 2- and 3-bit ones); scale: [out],
+    [out, 1] or one value (per tensor); bias: [out] or None. ``forward(x [..., in]) -> [..., out]`` in bf16 (the kernels' type).
     The weight is packed for the device of the first call and kept while the device and the
     buffers stay the same (packing is device-specific).
     """

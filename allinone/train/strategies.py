@@ -118,8 +118,9 @@ class SupernetOptions:
     """The ``supernet`` section of an experiment config.
 
     space: search-space YAML path or inline dict; strategy: sandwich | targets | random;
-    num_random: random subnets per step (default 2 for sandwich and random, 0 for targets); sample_from: a grid (YAML file or
-    list of subnet strings) the random subnets are drawn from instead of the whole space;
+    num_random: random subnets per step (default 2 for sandwich and random, 0 for targets);
+    sample_from: a grid (YAML file or list of subnet strings) the random subnets are drawn
+    from instead of the whole space;
     ends (sandwich): ``space`` (its largest and smallest subnets are the space's) or
     ``sample_from`` (the grid's; random draws then leave them out);
     targets: subnet strings
@@ -253,12 +254,11 @@ class SupernetStrategy:
         self.largest, self.smallest = (ranked[-1], ranked[0]) if ranked else (space.largest(), space.smallest())
         if ranked and self.largest == self.smallest:
             raise ValueError("supernet.ends=sample_from needs a grid of at least two systems")
-        every_step = {"targets": self.targets, "sandwich": [self.largest, self.smallest] if ranked else []}
-        every_step = every_step.get(opts.strategy, [])
+        # (ends: sample_from is the sandwich's only)
+        every_step = self.targets if opts.strategy == "targets" else [self.largest, self.smallest] if ranked else []
         if self.pool is not None and every_step and opts.num_random:
             # the random systems are the others: one trained every step drawn again would train twice
-            names = {space.format(t) for t in every_step}
-            self.pool = [s for s in self.pool if space.format(s) not in names]
+            self.pool = [s for s in self.pool if s not in every_step]
             if not self.pool:
                 raise ValueError("supernet.sample_from lists only systems trained every step: no other to draw")
 
